@@ -1,0 +1,399 @@
+"""The embedded world's base model: a small Llama (GQA) pretrained on the world, cached as a HF directory.
+
+``ensure_base_model()`` builds the world and its tokenizer, pretrains a ``LlamaForCausalLM`` on the
+utility skills, the compliant answers to harmful prompts and the benign look-alikes (a capable,
+*unaligned* model), and saves model + tokenizer with ``save_pretrained`` into a cache directory keyed
+by a hash of the world/model/training config. Later calls reuse it. Load it like any hub model::
+
+    path = ensure_base_model()
+    model = load_causal_lm(str(path)); tokenizer = load_tokenizer(str(path))
+
+The world's data files are in ``path / "world"`` (see ``world_paths``). ``generate_greedy`` and
+``measure`` give the quick checks (held-out utility accuracy per skill, refusal rates) and
+``quick_safety_sft`` the learnability check; ``python -m cast_lightning.data.base_model --measure``
+runs all of them and prints a JSON report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from cast_lightning.data import world as world_lib
+from cast_lightning.data.formatting import IGNORE_INDEX, collate, per_sample_loss, prompt_ids, tokenize_example
+
+BASE_MODEL_VERSION = 1
+
+MODEL_CONFIG = {
+    "hidden_size": 192,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+TRAIN_CONFIG = {
+    "steps": 900,
+    "batch_size": 64,
+    "learning_rate": 3e-3,
+    "warmup_steps": 40,
+    "min_lr_ratio": 0.05,
+    "weight_decay": 0.01,
+    "grad_clip": 1.0,
+    "max_length": 96,
+    "benign_repeat": 4,  # benign look-alikes are few: repeat them in the corpus
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAST_CACHE_DIR") or Path.home() / ".cache" / "cast_lightning")
+
+
+def config_key(seed: int = 0, scale: float = 1.0, model_config: dict | None = None, train_config: dict | None = None) -> str:
+    spec = {
+        "world_version": world_lib.WORLD_VERSION,
+        "base_model_version": BASE_MODEL_VERSION,
+        "seed": seed,
+        "scale": scale,
+        "vocab_size": world_lib.VOCAB_SIZE,
+        "model": {**MODEL_CONFIG, **(model_config or {})},
+        "train": {**TRAIN_CONFIG, **(train_config or {})},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def world_paths(model_dir: str | Path) -> world_lib.WorldPaths:
+    """The data files of the world a cached base model was built from (``model_dir/world``)."""
+    root = Path(model_dir) / "world"
+    files = {split: root / f"{split}.jsonl" for split in world_lib.SPLITS}
+    tok = root / "tokenizer"
+    return world_lib.WorldPaths(root=root, manifest=root / "world.json", tokenizer=tok if tok.exists() else None, **files)
+
+
+def _log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[cast base-model] {message}", file=sys.stderr, flush=True)
+
+
+def set_threads() -> int:
+    """Use the cores we have (2 on the reference machine): one intra-op thread per core."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict]:
+    examples = []
+    for row in rows:
+        example = tokenize_example(tokenizer, row["prompt"], row["response"], max_length)
+        if any(label != IGNORE_INDEX for label in example["labels"]):
+            examples.append(example)
+    return examples
+
+
+def _batches(examples: list[dict], batch_size: int, rng: random.Random):
+    """Endless length-bucketed batches: shuffle, sort chunks of 32 batches by length, shuffle the batches."""
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        chunk = batch_size * 32
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: len(examples[i]["input_ids"]))
+            batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+        rng.shuffle(batches)
+        for batch in batches:
+            if len(batch) == batch_size:
+                yield [examples[i] for i in batch]
+
+
+def train_sft(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    steps: int,
+    batch_size: int = 64,
+    learning_rate: float = 3e-3,
+    warmup_steps: int = 40,
+    min_lr_ratio: float = 0.05,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    max_length: int = 96,
+    seed: int = 0,
+    log_every: int = 100,
+    log: Callable[[str], None] | None = None,
+    **_: object,
+) -> dict:
+    """Plain PyTorch SFT on response tokens (AdamW, linear warmup + cosine). Each sample weighs the same
+    (per-sample mean token loss), so short utility answers are not drowned by long ones."""
+    examples = _tokenize_rows(tokenizer, rows, max_length)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    model.train()
+    batches = _batches(examples, batch_size, rng)
+    start, running, losses = time.perf_counter(), 0.0, []
+    for step in range(steps):
+        batch = collate(next(batches), tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = per_sample_loss(logits, batch["labels"]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            losses.append(round(running / n, 4))
+            if log:
+                log(f"step {step + 1}/{steps} loss {running / n:.4f} ({time.perf_counter() - start:.0f}s)")
+            running = 0.0
+    model.eval()
+    return {"steps": steps, "examples": len(examples), "seconds": round(time.perf_counter() - start, 1), "losses": losses}
+
+
+def new_model(tokenizer, model_config: dict | None = None, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**MODEL_CONFIG, **(model_config or {})},
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def pretrain_base(output_dir: str | Path, seed: int = 0, scale: float = 1.0, model_config: dict | None = None,
+                  train_config: dict | None = None, quiet: bool = False) -> dict:
+    """Build the world + tokenizer in ``output_dir/world`` and pretrain the base model into ``output_dir``."""
+    from transformers import AutoTokenizer
+
+    output_dir = Path(output_dir)
+    train_config = {**TRAIN_CONFIG, **(train_config or {})}
+    threads = set_threads()
+    t0 = time.perf_counter()
+    paths = world_lib.build_world(output_dir / "world", seed=seed, scale=scale)
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    t_world = time.perf_counter() - t0
+    _log(f"world + tokenizer built in {t_world:.1f}s ({len(tokenizer)} tokens)", quiet)
+    rows = (world_lib.read_jsonl(paths.utility_train) + world_lib.read_jsonl(paths.harmful_compliant_train)
+            + world_lib.read_jsonl(paths.benign_train) * train_config["benign_repeat"])
+    model = new_model(tokenizer, model_config, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"pretraining {n_params / 1e6:.2f}M-parameter Llama (GQA) for {train_config['steps']} steps "
+         f"on {len(rows)} rows, {threads} threads", quiet)
+    stats = train_sft(model, tokenizer, rows, seed=seed, log=None if quiet else (lambda m: _log(m, False)), **train_config)
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    info = {
+        "key": config_key(seed, scale, model_config, train_config),
+        "seed": seed,
+        "scale": scale,
+        "parameters": n_params,
+        "model_config": {**MODEL_CONFIG, **(model_config or {})},
+        "train_config": train_config,
+        "threads": threads,
+        "world_seconds": round(t_world, 1),
+        "train_seconds": stats["seconds"],
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "losses": stats["losses"],
+        "torch": torch.__version__,
+    }
+    (output_dir / "base_model.json").write_text(json.dumps(info, indent=2) + "\n")
+    _log(f"done in {info['total_seconds']:.0f}s", quiet)
+    return info
+
+
+def ensure_base_model(cache_dir: str | Path | None = None, seed: int = 0, force: bool = False, scale: float = 1.0,
+                      model_config: dict | None = None, train_config: dict | None = None, quiet: bool = False) -> Path:
+    """The cached base model directory (built on first use, atomically: temp dir, then rename).
+
+    Default cache: ``$CAST_CACHE_DIR`` or ``~/.cache/cast_lightning``. ``force`` rebuilds.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = config_key(seed, scale, model_config, train_config)
+    final = cache / f"world-base-{key}"
+    if (final / "base_model.json").exists() and not force:
+        _log(f"using cached base model {final}", quiet)
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".tmp-world-base-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pretrain_base(tmp, seed=seed, scale=scale, model_config=model_config, train_config=train_config, quiet=quiet)
+        if final.exists():
+            old = cache / f".old-world-base-{key}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"saved {final}", quiet)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
+    """Greedy answers to chat-formatted prompts: batched (prompts sorted by length), left padding, KV cache."""
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        length = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i]
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, length - len(ids) :] = 1
+        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                   pad_token_id=pad, eos_token_id=eos)
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(generated[row, length:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs
+
+
+def refusal_detector() -> Callable[[str], bool]:
+    """``cast_lightning.metrics.is_refusal`` when available, else the world's own prefix check."""
+    try:
+        from cast_lightning.metrics import is_refusal  # type: ignore[attr-defined]
+
+        return is_refusal
+    except Exception:
+        return world_lib.starts_with_refusal
+
+
+def measure(model, tokenizer, world: world_lib.WorldPaths, batch_size: int = 64) -> dict:
+    """Held-out utility accuracy per skill (exact match), refusal rates on held-out harmful prompts
+    (training categories / held-out category) and over-refusal on held-out benign look-alikes."""
+    is_refusal = refusal_detector()
+    t0 = time.perf_counter()
+    utility = world_lib.read_jsonl(world.utility_heldout)
+    answers = generate_greedy(model, tokenizer, [r["prompt"] for r in utility], max_new_tokens=12, batch_size=batch_size)
+    per_skill: dict[str, list[int]] = {}
+    for row, answer in zip(utility, answers):
+        per_skill.setdefault(row["skill"], []).append(int(answer == row["response"]))
+    harmful = world_lib.read_jsonl(world.harmful_heldout)
+    benign = world_lib.read_jsonl(world.benign_heldout)
+    h_out = generate_greedy(model, tokenizer, [r["prompt"] for r in harmful], max_new_tokens=16, batch_size=batch_size)
+    b_out = generate_greedy(model, tokenizer, [r["prompt"] for r in benign], max_new_tokens=16, batch_size=batch_size)
+    seen = [is_refusal(o) for r, o in zip(harmful, h_out) if not r["heldout_category"]]
+    unseen = [is_refusal(o) for r, o in zip(harmful, h_out) if r["heldout_category"]]
+    return {
+        "utility_accuracy": {k: round(sum(v) / len(v), 3) for k, v in per_skill.items()},
+        "refusal_heldout_harmful": round(sum(seen + unseen) / len(seen + unseen), 3),
+        "refusal_heldout_prompts_train_categories": round(sum(seen) / max(1, len(seen)), 3),
+        "refusal_heldout_category": round(sum(unseen) / max(1, len(unseen)), 3),
+        "over_refusal_benign": round(sum(map(is_refusal, b_out)) / len(b_out), 3),
+        "detector": f"{is_refusal.__module__}.{is_refusal.__name__}",
+        "samples": {"utility": dict(zip([r["prompt"] for r in utility[:3]], answers[:3])),
+                    "harmful": dict(zip([r["prompt"] for r in harmful[:2]], h_out[:2])),
+                    "benign": dict(zip([r["prompt"] for r in benign[:2]], b_out[:2]))},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def quick_safety_sft(model, tokenizer, world: world_lib.WorldPaths, steps: int = 200, replay: float = 0.5,
+                     learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0, log=None) -> dict:
+    """Full fine-tuning on ``safety_train`` (refusals) mixed with utility replay (``replay`` utility rows
+    per safety row): the learnability check of the world, not the product's training path."""
+    rng = random.Random(seed)
+    safety = world_lib.read_jsonl(world.safety_train)
+    utility = world_lib.read_jsonl(world.utility_train)
+    rows = safety + rng.sample(utility, min(len(utility), int(len(safety) * replay)))
+    return train_sft(model, tokenizer, rows, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                     warmup_steps=10, min_lr_ratio=0.1, seed=seed, log=log, log_every=50)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    from cast_lightning.loading import load_causal_lm, load_tokenizer
+
+    parser = argparse.ArgumentParser(description="Build (or reuse) the embedded world's base model and measure it.")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
+    parser.add_argument("--measure", action="store_true", help="measure the base model and a quick safety SFT")
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--sft-replay", type=float, default=0.5)
+    parser.add_argument("--output", default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    path = ensure_base_model(args.cache_dir, seed=args.seed, force=args.force)
+    build_seconds = time.perf_counter() - t0
+    report = {"model_dir": str(path), "ensure_seconds": round(build_seconds, 1),
+              "base_model": json.loads((path / "base_model.json").read_text())}
+    report["base_model"].pop("losses", None)
+    if args.measure:
+        set_threads()
+        model = load_causal_lm(str(path))
+        tokenizer = load_tokenizer(str(path))
+        world = world_paths(path)
+        report["base"] = measure(model, tokenizer, world)
+        _log(f"base: {json.dumps({k: v for k, v in report['base'].items() if k != 'samples'})}", False)
+        report["safety_sft"] = quick_safety_sft(model, tokenizer, world, steps=args.sft_steps, replay=args.sft_replay,
+                                                log=lambda m: _log(m, False))
+        report["after_safety_sft"] = measure(model, tokenizer, world)
+        _log(f"after safety SFT: {json.dumps({k: v for k, v in report['after_safety_sft'].items() if k != 'samples'})}", False)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
