@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cast_lightning.errors import CastError
 
+    # Weight-loading progress bars would bury the one line that matters; Lightning shows training progress.
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     try:
         if command in LIGHTNING_SUBCOMMANDS:
             _run_lightning(argv)

@@ -10,7 +10,7 @@ from cast_lightning.errors import CastError
 from cast_lightning.loading import load_checkpoint_model
 
 
-def export(ckpt_path: str, output_dir: str, safe_serialization: bool = True) -> str:
+def export(*, ckpt_path: str, output_dir: str, safe_serialization: bool = True) -> str:
     """Write the fine-tuned model and its tokenizer as a Hugging Face directory.
 
     Args:

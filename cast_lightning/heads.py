@@ -129,6 +129,14 @@ class HeadLayout:
                 f"{self.num_heads} heads): use layer in 0..{self.num_layers - 1} and head in 0..{self.num_heads - 1}"
             )
 
+    def check_group(self, layer: int, group: int) -> None:
+        if not (0 <= layer < self.num_layers and 0 <= group < self.num_kv_heads):
+            raise CastError(
+                f"KV group [{layer}, {group}] is out of range for this model ({self.num_layers} layers x "
+                f"{self.num_kv_heads} KV groups): use layer in 0..{self.num_layers - 1} and group in "
+                f"0..{self.num_kv_heads - 1}"
+            )
+
     def shape_dict(self) -> dict:
         """The identity a conflict map must match: architecture and head geometry."""
         return {
@@ -183,11 +191,12 @@ class HeadLayout:
 
     def kv_slices(self, layer: int, group: int) -> list[ParamSlice]:
         """KV group ``group``'s rows of the key and value projections."""
-        self.check_head(layer, group)
+        self.check_group(layer, group)
         return self._projection_slices(layer, "k", group) + self._projection_slices(layer, "v", group)
 
     def value_slices(self, layer: int, group: int) -> list[ParamSlice]:
         """KV group ``group``'s rows of the value projection only."""
+        self.check_group(layer, group)
         return self._projection_slices(layer, "v", group)
 
     def output_slices(self, layer: int, head: int) -> list[ParamSlice]:
@@ -227,19 +236,28 @@ class HeadLayout:
         return slices
 
     def check_parameters(self, parameters: dict[str, torch.Tensor]) -> None:
-        """Fail clearly when the model's parameters do not have the shapes this layout expects."""
+        """Fail clearly when the model's parameters do not have the shapes this layout expects.
+
+        The head slices of a layer must tile each sliced dimension exactly: a parameter that is
+        larger than the slices (e.g. a config whose head_dim is smaller than the weights') is as
+        wrong as one that is too small, since every head would then map to the wrong features.
+        """
         for layer in range(self.num_layers):
-            for head in (0, self.num_heads - 1):
-                for s in self.query_slices(layer, head) + self.output_slices(layer, head) + self.kv_slices(
-                    layer, self.kv_group(head)
-                ):
-                    p = parameters.get(s.name)
-                    if p is None:
-                        if s.name.endswith(".bias"):
-                            continue
-                        raise CastError(f"model has no parameter {s.name}: its layout is not the {self.architecture} layout")
-                    if p.dim() <= s.dim or p.shape[s.dim] < s.stop:
-                        raise CastError(
-                            f"parameter {s.name} has shape {tuple(p.shape)}, too small for head slices of "
-                            f"{self.architecture} with head_dim {self.head_dim}: the config does not match the weights"
-                        )
+            slices = [s for h in range(self.num_heads) for s in self.query_slices(layer, h)]
+            slices += [s for h in range(self.num_heads) for s in self.output_slices(layer, h)]
+            slices += [s for g in range(self.num_kv_heads) for s in self.kv_slices(layer, g)]
+            extent: dict[tuple[str, int], int] = {}
+            for s in slices:
+                extent[s.name, s.dim] = extent.get((s.name, s.dim), 0) + (s.stop - s.start)
+            for (name, dim), expected in extent.items():
+                p = parameters.get(name)
+                if p is None:
+                    if name.endswith(".bias"):
+                        continue
+                    raise CastError(f"model has no parameter {name}: its layout is not the {self.architecture} layout")
+                if p.dim() <= dim or p.shape[dim] != expected:
+                    raise CastError(
+                        f"parameter {name} has shape {tuple(p.shape)} but {self.architecture} with {self.num_heads} "
+                        f"heads, {self.num_kv_heads} KV heads and head_dim {self.head_dim} needs size {expected} "
+                        f"along dim {dim}: the config does not match the weights"
+                    )

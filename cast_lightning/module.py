@@ -81,8 +81,8 @@ class CASTModule(L.LightningModule):
             raise CastError(f"unknown kv_policy {kv_policy!r}: use one of {', '.join(KV_POLICIES)}")
         self.save_hyperparameters()
         self.model = load_causal_lm(pretrained, dtype, attn_implementation, trust_remote_code)
-        self.tokenizer = load_tokenizer(pretrained, trust_remote_code)
         self.layout = HeadLayout.from_model(self.model)
+        self.tokenizer = load_tokenizer(pretrained, trust_remote_code)
         self.skip_heads = resolve_skip_heads(self.layout, conflict_map, skip_heads)
         self.head_mask = HeadMask.for_heads(self.model, self.layout, self.skip_heads, kv_policy)
 
@@ -145,6 +145,25 @@ class CASTModule(L.LightningModule):
         loss = self._loss(batch)
         name = self.trainer.datamodule.val_names[dataloader_idx] if self._has_named_val() else str(dataloader_idx)
         self.log(f"val/{name}_loss", loss, sync_dist=True, add_dataloader_idx=False, batch_size=batch["input_ids"].size(0))
+
+    # -- cast test: refusal suites --------------------------------------------------------------------------------
+
+    def on_test_start(self) -> None:
+        from cast_lightning.metrics import RefusalRate
+
+        names = getattr(self.trainer.datamodule, "test_names", ["harmful"])
+        # One metric per suite; torchmetrics sums counts across ranks at compute time.
+        self.refusal_rates = torch.nn.ModuleDict({name: RefusalRate() for name in names}).to(self.device)
+
+    def test_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0) -> None:
+        from cast_lightning.evaluation import generate_greedy
+
+        name = list(self.refusal_rates)[dataloader_idx]
+        texts = generate_greedy(self.model, self.tokenizer, batch, max_new_tokens=self.hparams.max_new_tokens, batch_size=len(batch))
+        metric = self.refusal_rates[name]
+        metric.update(texts)
+        key = {"harmful": "test/refusal_rate", "benign": "test/over_refusal_rate"}[name]
+        self.log(key, metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=len(batch))
 
     def _has_named_val(self) -> bool:
         return self.trainer is not None and hasattr(getattr(self.trainer, "datamodule", None), "val_names")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 from functools import partial
 
 import lightning as L
@@ -29,6 +30,8 @@ def load_rows(source: str) -> list[dict]:
             builder = _BUILDERS.get(os.path.splitext(source)[1].lower())
             if builder is None:
                 raise CastError(f"cannot read {source}: use a .json, .jsonl, .parquet or .csv file")
+            if builder == "json" and not open(source, "rb").read(4096).strip():
+                return []  # datasets cannot infer a schema from an empty file; the caller reports "no rows"
             dataset = datasets.load_dataset(builder, data_files=source, split="train")
         elif os.path.isdir(source):
             if os.path.exists(os.path.join(source, "dataset_info.json")) or os.path.exists(os.path.join(source, "state.json")):
@@ -92,6 +95,8 @@ class SafetyUtilityDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         safety_fields: dict[str, str] | None = None,
         utility_fields: dict[str, str] | None = None,
+        safety_where: dict[str, Any] | None = None,
+        utility_where: dict[str, Any] | None = None,
         utility_replay: float = 0.0,
         batch_size: int = 8,
         eval_batch_size: int = 32,
@@ -115,6 +120,8 @@ class SafetyUtilityDataModule(L.LightningDataModule):
             safety_fields: column mapping for safety sources, e.g. {"prompt": "question", "response": "refusal"}
                 or {"messages": "messages"}.
             utility_fields: column mapping for utility sources (Alpaca: {"prompt": "instruction", "response": "output"}).
+            safety_where: keep only safety rows whose fields equal these values, e.g. {"is_safe": true} (BeaverTails).
+            utility_where: the same filter for utility rows.
             utility_replay: fraction of the fit mix drawn from the utility set (0 = safety only).
             batch_size: micro-batch size per process for fit and diagnosis.
             eval_batch_size: generation batch size for ``cast test``.
@@ -147,13 +154,20 @@ class SafetyUtilityDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
-    def _pairs(self, sources: list[str] | str | None, fields: dict | None, limit: int | None = None) -> list[tuple[str, str]]:
+    def _pairs(
+        self, sources: list[str] | str | None, fields: dict | None, where: dict | None, limit: int | None = None
+    ) -> list[tuple[str, str]]:
         if isinstance(sources, str):
             sources = [sources]
         fields = fields or {"prompt": "prompt", "response": "response"}
         pairs = []
         for source in sources or []:
-            pairs += rows_to_pairs(load_rows(source), fields, source)
+            rows = load_rows(source)
+            if where and rows:
+                rows = [row for row in rows if all(row.get(key) == value for key, value in where.items())]
+                if not rows:
+                    raise CastError(f"no row of {source} matches {where}: check the *_where filter")
+            pairs += rows_to_pairs(rows, fields, source)
         limit = limit if limit is not None else self.hparams.max_samples
         if limit is not None and len(pairs) > limit:
             pairs = random.Random(self.hparams.seed).sample(pairs, limit)
@@ -189,23 +203,29 @@ class SafetyUtilityDataModule(L.LightningDataModule):
         if stage in ("fit", None):
             if not h.safety_files:
                 raise CastError("no safety data: pass --data.safety_files PATH (JSON/JSONL/Parquet/CSV of prompt/response rows)")
-            safety = self.tokenize(self._pairs(h.safety_files, h.safety_fields), "safety")
+            safety = self.tokenize(self._pairs(h.safety_files, h.safety_fields, h.safety_where), "safety")
             replay = []
             if h.utility_replay > 0:
                 if not h.utility_files:
                     raise CastError("utility_replay > 0 needs --data.utility_files")
-                utility = self.tokenize(self._pairs(h.utility_files, h.utility_fields), "utility")
+                utility = self.tokenize(self._pairs(h.utility_files, h.utility_fields, h.utility_where), "utility")
                 count = round(len(safety) * h.utility_replay / (1 - h.utility_replay))
                 rng = random.Random(h.seed)
                 replay = [utility[rng.randrange(len(utility))] for _ in range(count)]
             self.train_set = safety + replay
             self.val_sets, self.val_names = [], []
-            for name, files, fields in (("safety", h.safety_val_files, h.safety_fields), ("utility", h.utility_val_files, h.utility_fields)):
+            for name, files, fields, where in (
+                ("safety", h.safety_val_files, h.safety_fields, h.safety_where),
+                ("utility", h.utility_val_files, h.utility_fields, h.utility_where),
+            ):
                 if files:
-                    self.val_sets.append(self.tokenize(self._pairs(files, fields), f"{name}_val"))
+                    self.val_sets.append(self.tokenize(self._pairs(files, fields, where), f"{name}_val"))
                     self.val_names.append(name)
         if stage == "validate":
             self.setup("fit")
+        if stage == "test":
+            self.test_suites = self.eval_prompts()
+            self.test_names = list(self.test_suites)
 
     # -- loaders ---------------------------------------------------------------------------------------------------
 
@@ -224,13 +244,20 @@ class SafetyUtilityDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(examples, shuffle=False) for examples in self.val_sets]
 
+    def test_dataloader(self) -> list[DataLoader]:
+        """Batches of raw prompt strings per refusal suite (generation tokenizes them with left padding)."""
+        return [
+            DataLoader(prompts, batch_size=self.hparams.eval_batch_size, shuffle=False, collate_fn=list)
+            for prompts in self.test_suites.values()
+        ]
+
     def diagnosis_dataloaders(self) -> list[DataLoader]:
         """[safety, utility] loaders over the diagnosis sets, unshuffled (the map must not depend on order)."""
         h = self.hparams
         if not h.safety_files or not h.utility_files:
             raise CastError("diagnosis needs both --data.safety_files and --data.utility_files")
-        safety = self.tokenize(self._pairs(h.safety_files, h.safety_fields, h.diagnosis_samples), "safety")
-        utility = self.tokenize(self._pairs(h.utility_files, h.utility_fields, h.diagnosis_samples), "utility")
+        safety = self.tokenize(self._pairs(h.safety_files, h.safety_fields, h.safety_where, h.diagnosis_samples), "safety")
+        utility = self.tokenize(self._pairs(h.utility_files, h.utility_fields, h.utility_where, h.diagnosis_samples), "utility")
         return [self._loader(safety, shuffle=False), self._loader(utility, shuffle=False)]
 
     def eval_prompts(self) -> dict[str, list[str]]:

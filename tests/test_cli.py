@@ -1,0 +1,152 @@
+"""`cast` end to end through the CLI: help, every shipped config, fit -> export -> from_pretrained, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cast_lightning.cli import SUBCOMMANDS, main
+from tests.conftest import make_pretrained, write_jsonl
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+LIGHTNING_KINDS = ("fit", "validate", "test", "diagnose")
+
+
+def run_cast(args: list[str]) -> int:
+    # Library log handlers keep the stderr of the test that imported them; point them at this test's capture.
+    for logger in list(logging.root.manager.loggerDict.values()):
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr:
+                handler.stream = sys.stderr  # setStream would flush the closed old one
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exit_:  # jsonargparse exits on --help/--print_config/argument errors
+        return int(exit_.code or 0)
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert run_cast(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "diagnose", "eval", "report", "export", "demo"):
+        assert f"  {name} " in out
+    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "diagnose", "eval", "report", "export", "demo"}
+
+
+def test_unknown_subcommand_is_one_line_error(capsys):
+    assert run_cast(["frobnicate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use one of" in err[0]
+
+
+def _kind(path: Path) -> str:
+    if path.parent.name == "strategy":
+        return "strategy"
+    return path.stem.split("_")[0]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_shipped_config_parses(config, capsys):
+    """Like litgpt's config hub test: each YAML must validate against the code it configures."""
+    kind = _kind(config)
+    assert yaml.safe_load(config.read_text()), f"{config} is empty"
+    if kind == "strategy":
+        args = ["fit", "--config", CONFIGS[0].parent.parent / "tiny" / "fit.yaml", "--config", config, "--print_config"]
+    elif kind in LIGHTNING_KINDS or kind in SUBCOMMANDS:
+        args = [kind, "--config", config, "--print_config"]
+    else:
+        pytest.fail(f"{config}: name it after its subcommand ({', '.join(SUBCOMMANDS)}) or put it in configs/strategy/")
+    assert run_cast(args) == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert isinstance(printed, dict) and printed
+
+
+def fit_args(model_dir, data, root, *extra) -> list:
+    return [
+        "fit", f"--model.pretrained={model_dir}", "--model.learning_rate=0.01",
+        f"--data.safety_files=[{data['safety']}]", f"--data.utility_files=[{data['utility']}]", "--data.batch_size=4",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=3", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra,
+    ]
+
+
+def test_fit_then_export_loads_with_from_pretrained(tiny_llama_dir, tiny_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert run_cast(fit_args(tiny_llama_dir, tiny_data, tmp_path / "run", "--model.skip_heads=[[0, 1]]")) == 0
+    (checkpoint,) = list((tmp_path / "run").rglob("*.ckpt"))
+    assert (tmp_path / "run" / "config.yaml").exists() or list((tmp_path / "run").rglob("config.yaml"))
+    assert run_cast(["export", "--ckpt_path", checkpoint, "--output_dir", tmp_path / "hf"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tmp_path / "hf")
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for name, parameter in exported.named_parameters():
+        assert torch.equal(parameter, saved[f"model.{name}"]), name
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight, exported.model.layers[0].self_attn.q_proj.weight)
+    # Head 1 of layer 0 was skipped: its q rows are the base model's.
+    d = base.config.head_dim
+    assert torch.equal(base.model.layers[0].self_attn.q_proj.weight[d : 2 * d], exported.model.layers[0].self_attn.q_proj.weight[d : 2 * d])
+    assert json.loads((tmp_path / "hf" / "cast_skip_heads.json").read_text()) == {"skip_heads": [[0, 1]]}
+
+
+def _bad_map(tmp_path: Path) -> Path:
+    path = tmp_path / "other_map.json"
+    path.write_text(json.dumps({"schema_version": 1, "model": {"architecture": "llama", "num_layers": 7, "num_heads": 4,
+                                "num_kv_heads": 2, "head_dim": 8}, "skip": [[0, 0]]}))
+    return path
+
+
+BAD_INPUTS = {
+    "skip list and map together": (["--model.skip_heads=[[0, 0]]", "--model.conflict_map={map}"], "not both"),
+    "head out of range": (["--model.skip_heads=[[0, 9]]"], "out of range"),
+    "layer out of range": (["--model.skip_heads=[[5, 0]]"], "out of range"),
+    "map for another shape": (["--model.conflict_map={map}"], "conflict map"),
+    "missing field": (["--data.safety_files=[{missing_field}]"], "has no field 'response'"),
+    "no rows": (["--data.safety_files=[{empty}]"], "no rows"),
+    "missing data file": (["--data.safety_files=[/nonexistent/safety.jsonl]"], "does not exist"),
+    "unknown architecture": (["--model.pretrained={bert}"], "unsupported architecture"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_writes_nothing(case, tiny_llama_dir, tiny_data, tmp_path, capsys):
+    args, expected = BAD_INPUTS[case]
+    files = {
+        "map": _bad_map(tmp_path),
+        "missing_field": write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "hi", "answer": "x"}]),
+        "empty": write_jsonl(tmp_path / "empty.jsonl", []),
+        "bert": tmp_path / "bert",
+    }
+    if case == "unknown architecture":
+        from transformers import BertConfig, BertLMHeadModel
+
+        BertLMHeadModel(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, is_decoder=True)).save_pretrained(files["bert"])
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (files["bert"] / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    args = [a.format(**files) for a in args]
+    root = tmp_path / "run"
+    assert run_cast(fit_args(tiny_llama_dir, tiny_data, root, *args)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("cast fit: error:") and expected in lines[0], err
+    assert not list(root.rglob("*.ckpt"))
+
+
+def test_debug_flag_shows_the_traceback(tiny_llama_dir, tiny_data, tmp_path, capsys):
+    assert run_cast(fit_args(tiny_llama_dir, tiny_data, tmp_path, "--model.skip_heads=[[0, 9]]", "--debug")) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gpt2", "gpt_neox", "phi3"])
+def test_fit_works_for_other_architectures(architecture, tiny_data, tmp_path):
+    model_dir = make_pretrained(tmp_path / architecture, architecture)
+    assert run_cast(fit_args(model_dir, tiny_data, tmp_path / "run", "--model.skip_heads=[[1, 0]]", "--trainer.max_steps=2")) == 0
+    assert list((tmp_path / "run").rglob("*.ckpt"))
