@@ -24,6 +24,7 @@ def atomic_save(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
