@@ -47,6 +47,8 @@ def test_unknown_subcommand_is_one_line_error(capsys):
 def _kind(path: Path) -> str:
     if path.parent.name == "strategy":
         return "strategy"
+    if path.parent.name in SUBCOMMANDS:  # configs/eval/*.yaml
+        return path.parent.name
     return path.stem.split("_")[0]
 
 
