@@ -510,6 +510,12 @@ class DiagnosisModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    def configure_model(self) -> None:
+        """Under ``configs/strategy/fsdp2.yaml`` (ModelParallelStrategy, which requires this hook) the model is kept
+        whole on every rank and the diagnosis runs data-parallel, like DDP: it holds no optimizer state and only the
+        attention gradients, and ``autograd.grad`` needs unsharded parameters. The statistics are summed across ranks
+        in ``on_predict_end``, so the map equals the single-process one."""
+
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled():
             raise CastError("diagnosis needs gradients: run it with --trainer.inference_mode false (cast diagnose's default)")

@@ -4,8 +4,24 @@ Zeroing gradients before clipping keeps frozen slices out of the gradient norm; 
 values after each optimizer step undoes what decoupled weight decay (or any optimizer) did to them.
 Both touch only the frozen slices, so the cost is proportional to the skipped heads, not the model.
 
-Sharded parameters: a DTensor (FSDP2) is masked on its local shard; FSDP2 shards dim 0, so a row
-range is translated to the local rows and a column range applies to every local row.
+How a rank holds a parameter depends on the strategy, so each frozen parameter becomes one entry
+that knows where its frozen elements live on this rank (``bind`` picks the kind per parameter):
+
+* ``_DenseEntry``: the whole tensor (one device, DDP) or a DTensor (FSDP2, ``fully_shard``). FSDP2
+  shards dim 0, so a row range is translated to the local rows and a column range applies to every
+  local row.
+* ``_FlatEntry``: FSDP1 with ``use_orig_params=True``. Between forward/backward passes each original
+  parameter's ``.data`` and ``.grad`` are 1-D views of this rank's window of the *flattened* parameter
+  (``FlatParameter._shard_param_infos``); the frozen elements are the window's positions that fall in a
+  frozen slice. Writing through the views writes the FlatParameter the optimizer steps.
+* ``_DeepSpeedEntry``: ZeRO 1/2/3. Gradients are zeroed by a tensor hook on the parameter, which runs on
+  each micro-batch's full gradient before DeepSpeed reduces and partitions it; so the engine's internal
+  clipping and its global grad norm never see a frozen element, for every stage and accumulation step.
+  After each engine step both copies the optimizer keeps are restored: the fp32 master (ZeRO-1/2 through
+  the parameter's ``_hp_mapping`` fragment, ZeRO-3 through ``safe_get/set_local_fp32_param``) and the
+  working low-precision copy (ZeRO-1/2: the full replica; ZeRO-3: the ``ds_tensor`` partition and, for
+  persistent parameters, the gathered tensor). Restoring only the working copy would let the next step
+  copy the drifted master back.
 """
 
 from __future__ import annotations
@@ -14,12 +30,41 @@ from collections.abc import Iterable
 
 import torch
 
+from cast_lightning.errors import CastError
 from cast_lightning.heads import HeadLayout, ParamSlice
+
+# Wrapper modules insert these into parameter names; HeadLayout names are the plain HF ones.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+DENSE, FSDP1, FSDP2, DEEPSPEED = "dense", "fsdp", "fsdp2", "deepspeed"
+
+
+def clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def sharding_of(strategy) -> str:
+    """``dense`` (one device, DDP), ``fsdp`` (FSDP1), ``fsdp2`` (ModelParallelStrategy) or ``deepspeed``."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return DEEPSPEED
+    if isinstance(strategy, FSDPStrategy):
+        return FSDP1
+    if isinstance(strategy, ModelParallelStrategy):
+        return FSDP2
+    return DENSE
+
+
+def _is_dtensor(tensor) -> bool:
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
 
 
 def _local(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The locally held part of ``tensor`` and the global index of its first row."""
-    if hasattr(tensor, "to_local") and hasattr(tensor, "placements"):  # DTensor
+    if _is_dtensor(tensor):
         from torch.distributed.tensor import Shard
 
         local = tensor.to_local()
@@ -30,7 +75,7 @@ def _local(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
                     raise NotImplementedError(f"head masking supports dim-0 sharding only, got Shard({placement.dim})")
                 # torch.chunk semantics: every rank but the last holds ceil(n / world) rows.
                 world = tensor.device_mesh.size(mesh_dim)
-                rank = tensor.device_mesh.get_local_coordinate()[mesh_dim]
+                rank = tensor.device_mesh.get_coordinate()[mesh_dim]
                 offset += rank * -(-tensor.shape[0] // world)
         return local, offset
     return tensor, 0
@@ -44,56 +89,381 @@ def _local_range(s: ParamSlice, local: torch.Tensor, offset: int) -> tuple[int, 
     return (start, stop) if start < stop else None
 
 
-class HeadMask:
-    """Freezes a set of parameter slices of ``model`` (names relative to ``model``)."""
+def _narrow_views(tensor: torch.Tensor | None, slices: list[ParamSlice]) -> list[torch.Tensor]:
+    """Views of the frozen slices in the locally held part of ``tensor`` (a full tensor or a DTensor)."""
+    if tensor is None:
+        return []
+    local, offset = _local(tensor)
+    views = []
+    for s in slices:
+        bounds = _local_range(s, local, offset)
+        if bounds is not None:
+            views.append(local.narrow(s.dim, bounds[0], bounds[1] - bounds[0]))
+    return views
 
-    def __init__(self, model: torch.nn.Module, slices: Iterable[ParamSlice]):
-        parameters = dict(model.named_parameters())
+
+def frozen_flat_index(shape: torch.Size, slices: list[ParamSlice], lo: int, hi: int) -> torch.Tensor:
+    """Positions ``i - lo`` of the frozen elements ``i`` in ``[lo, hi)`` of the row-major flattened parameter."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for s in slices:
+        mask.narrow(s.dim, s.start, s.stop - s.start).fill_(True)
+    return mask.reshape(-1)[lo:hi].nonzero().squeeze(1)
+
+
+# -- entries: one frozen parameter as this rank holds it ------------------------------------------------------------
+
+
+class _DenseEntry:
+    def __init__(self, param: torch.nn.Parameter, slices: list[ParamSlice]):
+        self.param, self.slices = param, slices
+        self._saved: list[torch.Tensor] = []
+
+    def zero_grad(self) -> None:
+        for view in _narrow_views(self.param.grad, self.slices):
+            view.zero_()
+
+    def snapshot(self) -> None:
+        self._saved = [view.clone() for view in _narrow_views(self.param.data, self.slices)]
+
+    def restore(self) -> None:
+        for view, saved in zip(_narrow_views(self.param.data, self.slices), self._saved):
+            view.copy_(saved)
+
+
+class _FlatEntry:
+    """FSDP1 ``use_orig_params``: ``param`` is a 1-D view of this rank's window of the flattened parameter."""
+
+    def __init__(self, param: torch.nn.Parameter, index: torch.Tensor):
+        self.param, self.index = param, index.to(param.device)
+        self._saved: torch.Tensor | None = None
+
+    def zero_grad(self) -> None:
+        if self.param.grad is not None and self.index.numel():
+            self.param.grad.view(-1).index_fill_(0, self.index, 0)
+
+    def snapshot(self) -> None:
+        self._saved = self.param.data.view(-1).index_select(0, self.index)
+
+    def restore(self) -> None:
+        if self._saved is not None and self.index.numel():
+            self.param.data.view(-1).index_copy_(0, self.index, self._saved)
+
+
+class _DeepSpeedEntry:
+    def __init__(self, param: torch.nn.Parameter, slices: list[ParamSlice]):
+        self.param, self.slices = param, slices
+        self.zero3 = hasattr(param, "ds_id")
+        shape = tuple(param.ds_shape) if self.zero3 else tuple(param.shape)
+        self.hook = param.register_hook(self._masked)
+        self._hp_index = self._lp_index = None
+        self._saved_hp = self._saved_lp = None
+        self._saved_dense: list[torch.Tensor] = []
+        if self.zero3:
+            # The fp32 master partition and ds_tensor cover the same window of the flattened parameter.
+            import torch.distributed as dist
+
+            size = param.ds_tensor.numel()
+            rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+            lo = rank * size
+            self._lp_index = frozen_flat_index(torch.Size(shape), slices, lo, min(lo + size, param.ds_numel)).to(param.ds_tensor.device)
+            self._hp_index = self._lp_index
+        elif getattr(param, "_hp_mapping", None) is not None:
+            address = param._hp_mapping.lp_fragment_address
+            index = frozen_flat_index(torch.Size(shape), slices, address.start, address.start + address.numel)
+            self._hp_index = index.to(param._hp_mapping.hp_fragment.device)
+
+    def _masked(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        for s in self.slices:
+            grad.narrow(s.dim, s.start, s.stop - s.start).zero_()
+        return grad
+
+    def zero_grad(self) -> None:
+        pass  # done by the hook on every micro-batch, before DeepSpeed sees the gradient
+
+    def _hp(self) -> torch.Tensor | None:
+        if self._hp_index is None or not self._hp_index.numel():
+            return None
+        if self.zero3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(self.param).view(-1)
+        return self.param._hp_mapping.hp_fragment.view(-1)
+
+    def _gathered(self) -> bool:
+        """ZeRO-3 persistent (small) parameters stay gathered between steps: their full tensor is live too."""
+        return self.param.data.numel() == self.param.ds_numel
+
+    def snapshot(self) -> None:
+        hp = self._hp()
+        self._saved_hp = None if hp is None else hp.index_select(0, self._hp_index)
+        if self.zero3:
+            import deepspeed
+
+            self._saved_lp = self.param.ds_tensor.data.view(-1).index_select(0, self._lp_index)
+            # Gathered (a collective: every rank snapshots every entry in the same order) for the case that this
+            # parameter is persistent, i.e. kept whole between steps and re-gathered from the partitions in step().
+            with deepspeed.zero.GatheredParameters([self.param]):
+                self._saved_dense = [v.clone() for v in _narrow_views(self.param.data, self.slices)]
+        else:
+            self._saved_dense = [v.clone() for v in _narrow_views(self.param.data, self.slices)]
+
+    def restore(self) -> None:
+        hp = self._hp()
+        if hp is not None and self._saved_hp is not None:
+            if self.zero3:
+                from deepspeed.utils import safe_set_local_fp32_param
+
+                safe_set_local_fp32_param(self.param, hp.index_copy(0, self._hp_index, self._saved_hp))
+            else:
+                hp.index_copy_(0, self._hp_index, self._saved_hp)  # the master fragment itself
+        if self.zero3 and self._lp_index.numel():
+            self.param.ds_tensor.data.view(-1).index_copy_(0, self._lp_index, self._saved_lp)
+        if self._saved_dense and (not self.zero3 or self._gathered()):
+            for view, saved in zip(_narrow_views(self.param.data, self.slices), self._saved_dense):
+                view.copy_(saved)
+
+
+def _fsdp1_windows(root: torch.nn.Module | None) -> dict[int, tuple[torch.Size, int, int] | None]:
+    """id(original parameter) -> (full shape, window start, window stop) of this rank's FSDP1 shard."""
+    if root is None:
+        return {}
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    windows: dict[int, tuple[torch.Size, int, int] | None] = {}
+    for module in FSDP.fsdp_modules(root):
+        handle = module._handle
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        if not handle._use_orig_params:
+            raise CastError("the head mask needs FSDP's original parameters: set use_orig_params: true in the FSDP strategy (configs/strategy/fsdp.yaml)")
+        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
+            if not handle.uses_sharded_strategy:
+                windows[id(param)] = None  # NO_SHARD: the parameter is whole
+            elif info.in_shard:
+                windows[id(param)] = (shape, info.intra_param_start_idx, info.intra_param_end_idx + 1)
+            else:
+                windows[id(param)] = (shape, 0, 0)
+    return windows
+
+
+class HeadMask:
+    """Freezes a set of parameter slices of ``model`` (names relative to ``model``, wrapper prefixes ignored).
+
+    Built unbound (plain tensors); ``bind(sharding, root)`` re-targets it at the live parameters once the
+    strategy has wrapped or partitioned them.
+    """
+
+    def __init__(self, model: torch.nn.Module, slices: Iterable[ParamSlice], sharding: str = DENSE, root=None):
+        parameters = {clean_name(n): p for n, p in model.named_parameters()}
+        grouped: dict[str, list[ParamSlice]] = {}
+        for s in slices:
+            if s.name in parameters and parameters[s.name].requires_grad:
+                grouped.setdefault(s.name, []).append(s)
         self.slices: list[tuple[torch.nn.Parameter, ParamSlice]] = [
-            (parameters[s.name], s) for s in slices if s.name in parameters and parameters[s.name].requires_grad
+            (parameters[name], s) for name, group in grouped.items() for s in group
         ]
-        self._saved: list[torch.Tensor | None] = []
+        self.sharding = sharding
+        self._snapshotted = False
+        windows = _fsdp1_windows(root) if sharding == FSDP1 else {}
+        self.entries = []
+        for name, group in grouped.items():
+            param = parameters[name]
+            if sharding == DEEPSPEED:
+                self.entries.append(_DeepSpeedEntry(param, group))
+            elif windows.get(id(param)) is not None:
+                shape, lo, hi = windows[id(param)]
+                self.entries.append(_FlatEntry(param, frozen_flat_index(shape, group, lo, hi)))
+            else:
+                self.entries.append(_DenseEntry(param, group))
+        self._shapes = {id(parameters[name]): _full_shape(parameters[name], windows) for name in grouped}
 
     @classmethod
     def for_heads(
-        cls, model: torch.nn.Module, layout: HeadLayout, skip_heads: Iterable[tuple[int, int]], kv_policy: str = "all"
+        cls,
+        model: torch.nn.Module,
+        layout: HeadLayout,
+        skip_heads: Iterable[tuple[int, int]],
+        kv_policy: str = "all",
+        sharding: str = DENSE,
+        root=None,
     ) -> HeadMask:
-        return cls(model, layout.frozen_slices(list(skip_heads), kv_policy))
+        return cls(model, layout.frozen_slices(list(skip_heads), kv_policy), sharding, root)
 
     def __bool__(self) -> bool:
         return bool(self.slices)
 
     @property
     def num_frozen_elements(self) -> int:
-        return sum((s.stop - s.start) * p.numel() // p.shape[s.dim] for p, s in self.slices)
+        total = 0
+        for p, s in self.slices:
+            shape = self._shapes[id(p)]
+            total += (s.stop - s.start) * (torch.Size(shape).numel() // shape[s.dim])
+        return total
 
-    def _views(self, attribute: str):
-        for parameter, s in self.slices:
-            tensor = parameter.grad if attribute == "grad" else parameter.data
-            if tensor is None:
-                yield None
-                continue
-            local, offset = _local(tensor)
-            bounds = _local_range(s, local, offset)
-            yield None if bounds is None else local.narrow(s.dim, bounds[0], bounds[1] - bounds[0])
+    def remove(self) -> None:
+        """Drop hooks (DeepSpeed) before the mask is replaced."""
+        for entry in self.entries:
+            hook = getattr(entry, "hook", None)
+            if hook is not None:
+                hook.remove()
 
     @torch.no_grad()
     def zero_grads(self) -> None:
         """Zero the frozen slices' gradients (call before clipping and before the optimizer step)."""
-        for view in self._views("grad"):
-            if view is not None:
-                view.zero_()
+        for entry in self.entries:
+            entry.zero_grad()
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Remember the current values of the frozen slices (call once the weights are final: after loading)."""
-        self._saved = [None if view is None else view.clone() for view in self._views("data")]
+        for entry in self.entries:
+            entry.snapshot()
+        self._snapshotted = True
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the remembered values back (call after every optimizer step)."""
-        if not self._saved:
+        if not self._snapshotted:
             return
-        for view, saved in zip(self._views("data"), self._saved):
-            if view is not None:
-                view.copy_(saved)
+        for entry in self.entries:
+            entry.restore()
+
+
+def original_shapes(sharding: str, root) -> dict[int, torch.Size]:
+    """id(parameter) -> its shape before sharding where the strategy flattened it (FSDP1); {} elsewhere."""
+    if sharding != FSDP1:
+        return {}
+    return {key: window[0] for key, window in _fsdp1_windows(root).items() if window is not None}
+
+
+def _full_shape(param: torch.nn.Parameter, windows: dict) -> tuple[int, ...]:
+    if windows.get(id(param)) is not None:
+        return tuple(windows[id(param)][0])
+    if hasattr(param, "ds_shape"):
+        return tuple(param.ds_shape)
+    return tuple(param.shape)
+
+
+# -- strategy-aware gradient norm and clipping ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def total_grad_norm(model: torch.nn.Module, sharding: str = DENSE, root=None) -> torch.Tensor | None:
+    """The global 2-norm of all gradients of ``model`` as the optimizer sees them; None where ``.grad`` is not
+    where the gradients live (DeepSpeed: ask the engine, ``get_global_grad_norm``)."""
+    if sharding == DEEPSPEED:
+        return None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    group = None
+    if sharding == FSDP2 and _is_dtensor(grads[0]):
+        group = grads[0].device_mesh.get_group()
+        grads = [g.to_local() for g in grads]
+    elif sharding == FSDP1 and root is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        roots = FSDP.fsdp_modules(root, root_only=True)
+        if roots and any(m.sharding_strategy.name != "NO_SHARD" for m in FSDP.fsdp_modules(root)):
+            group = roots[0].process_group
+    squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    if group is not None:
+        torch.distributed.all_reduce(squares, group=group)
+    return squares.sqrt()
+
+
+def clip_fsdp1(root: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """FSDP1 norm clipping (Lightning's FSDPPrecision refuses it): the root FSDP module's ``clip_grad_norm_``,
+    which reduces the sharded norms across ranks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    roots = FSDP.fsdp_modules(root, root_only=True)
+    if not roots:
+        raise CastError("FSDP gradient clipping needs an FSDP-wrapped model: use configs/strategy/fsdp.yaml")
+    return roots[0].clip_grad_norm_(max_norm)
+
+
+# -- sharding the model (CASTModule.configure_model) ----------------------------------------------------------------
+
+
+def shard_model(model: torch.nn.Module, sharding: str, mesh=None) -> torch.nn.Module:
+    """One FSDP unit per decoder layer, then the root model; returns the module to keep as ``self.model``.
+
+    Decoder layers are the model's ``_no_split_modules`` classes, so any HF architecture works without a wrap
+    policy. FSDP2: ``fully_shard`` over the data-parallel dimension of ``mesh`` (the model keeps its identity).
+    FSDP1: ``wrap`` inside Lightning's ``enable_wrap`` context, so the strategy's kwargs (``use_orig_params``,
+    mixed precision, sharding strategy) apply; the root is wrapped too, else Lightning, seeing wrapped children,
+    would leave embeddings, final norm and head unsharded and unsynchronized.
+    """
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [(name, module) for name, module in model.named_modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise CastError(f"cannot find the decoder layers of {type(model).__name__} to shard: use --trainer.strategy ddp")
+    if sharding == FSDP2:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(model, FSDPModule):  # configure_model runs again for validate/test after fit
+            return model
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise CastError("CAST shards with FSDP2 only: use configs/strategy/fsdp2.yaml (tensor_parallel_size 1)")
+        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for _, layer in layers:
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(model, mesh=data_parallel)
+        return model
+    if sharding == FSDP1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import wrap
+
+        if isinstance(model, FullyShardedDataParallel):
+            return model
+        modules = dict(model.named_modules())
+        for name, layer in layers:
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, wrap(layer))
+        return wrap(model)
+    return model
+
+
+# -- FSDP2 for the config files -------------------------------------------------------------------------------------
+
+
+def _fsdp2_strategy_class():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        """Lightning's ``ModelParallelStrategy`` used as pure FSDP2: one data-parallel mesh over every process
+        (``num_nodes x devices``), no tensor parallelism. ``CASTModule.configure_model`` applies ``fully_shard``.
+
+        Args:
+            data_parallel_size: processes in the data-parallel mesh; ``auto`` = the world size.
+            save_distributed_checkpoint: each rank writes its shard (a checkpoint directory; ``cast export`` reads
+                it); False gathers the full state on rank 0 into one file.
+            process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs (default: chosen from the device).
+        """
+
+        def __init__(
+            self,
+            data_parallel_size: int | str = "auto",
+            save_distributed_checkpoint: bool = True,
+            process_group_backend: str | None = None,
+        ) -> None:
+            super().__init__(
+                data_parallel_size=data_parallel_size,
+                tensor_parallel_size=1,
+                save_distributed_checkpoint=save_distributed_checkpoint,
+                process_group_backend=process_group_backend,
+            )
+
+        def setup_environment(self) -> None:
+            if self._data_parallel_size == "auto":
+                self._data_parallel_size = self.num_nodes * self.num_processes
+            super().setup_environment()
+
+    return FSDP2Strategy
+
+
+FSDP2Strategy = _fsdp2_strategy_class()

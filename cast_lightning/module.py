@@ -7,15 +7,30 @@ The loss is separate from the masking, so other objectives can replace ``trainin
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 
 from cast_lightning.errors import CastError
 from cast_lightning.heads import KV_POLICIES, HeadLayout
 from cast_lightning.loading import load_causal_lm, load_tokenizer
-from cast_lightning.masking import HeadMask
+from cast_lightning.masking import (
+    DEEPSPEED,
+    DENSE,
+    FSDP1,
+    FSDP2,
+    HeadMask,
+    clip_fsdp1,
+    original_shapes,
+    shard_model,
+    sharding_of,
+    total_grad_norm,
+)
+
+# configure_gradient_clipping is overridden only to clip under FSDP1; under DeepSpeed it defers to the engine's
+# own clipping (trainer.gradient_clip_val goes into the DeepSpeed config), so Lightning's warning does not apply.
+warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 CHECKPOINT_KEY = "cast_skip_heads"
 
@@ -88,13 +103,31 @@ class CASTModule(L.LightningModule):
 
     # -- the mask --------------------------------------------------------------------------------------------------
 
+    def _sharding(self) -> tuple[str, torch.nn.Module | None]:
+        """How the strategy holds the parameters (masking.sharding_of) and the module it wrapped."""
+        if self._trainer is None:
+            return DENSE, None
+        return sharding_of(self.trainer.strategy), self.trainer.strategy.model
+
+    def _build_mask(self) -> HeadMask:
+        if getattr(self, "head_mask", None) is not None:
+            self.head_mask.remove()
+        sharding, root = self._sharding()
+        return HeadMask.for_heads(self.model, self.layout, self.skip_heads, self.hparams.kv_policy, sharding, root)
+
     def set_skip_heads(self, skip_heads: list[tuple[int, int]]) -> None:
         self.skip_heads = sorted({(int(layer), int(head)) for layer, head in skip_heads})
-        self.head_mask = HeadMask.for_heads(self.model, self.layout, self.skip_heads, self.hparams.kv_policy)
+        self.head_mask = self._build_mask()
+
+    def configure_model(self) -> None:
+        """FSDP1/FSDP2 strategies: one FSDP unit per decoder layer, then the root model (masking.shard_model)."""
+        sharding, _ = self._sharding()
+        if sharding in (FSDP1, FSDP2):
+            self.model = shard_model(self.model, sharding, self.device_mesh if sharding == FSDP2 else None)
 
     def on_fit_start(self) -> None:
-        # Under FSDP2 the parameters were replaced by DTensors in configure_model: rebuild on the live ones.
-        self.head_mask = HeadMask.for_heads(self.model, self.layout, self.skip_heads, self.hparams.kv_policy)
+        # The strategy has wrapped/partitioned the parameters by now: rebuild the mask on the live ones.
+        self.head_mask = self._build_mask()
 
     def on_train_start(self) -> None:
         # Weights are final here (checkpoint restored, strategy set up): remember the frozen values.
@@ -103,14 +136,27 @@ class CASTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs after backward (and gradient all-reduce) and before clipping: frozen slices leave the norm.
         self.head_mask.zero_grads()
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        sharding, root = self._sharding()
+        norm = total_grad_norm(self.model, sharding, root)
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        sharding, root = self._sharding()
+        if sharding == FSDP1 and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            clip_fsdp1(root, gradient_clip_val)  # Lightning's FSDP1 precision plugin refuses norm clipping
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Undo weight decay (or any optimizer drift) on the frozen slices: bit-identical by construction.
         self.head_mask.restore()
+        sharding, engine = self._sharding()
+        if sharding == DEEPSPEED:
+            norm = engine.get_global_grad_norm()  # the engine's last norm, computed from the masked gradients
+            if norm is not None:
+                self.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = [list(head) for head in self.skip_heads]
@@ -170,10 +216,12 @@ class CASTModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
+        shapes = original_shapes(*self._sharding())  # FSDP1 hands the optimizer flattened 1-D shards
         for name, parameter in self.model.named_parameters():
             if parameter.requires_grad:
                 # Norms, biases and embeddings-free 1-D tensors are not decayed (standard LLM practice).
-                (no_decay if parameter.ndim < 2 else decay).append(parameter)
+                ndim = len(shapes.get(id(parameter), parameter.shape))
+                (no_decay if ndim < 2 else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
