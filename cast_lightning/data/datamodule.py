@@ -86,12 +86,12 @@ def rows_to_pairs(rows: list[dict], fields: dict[str, str], source: str) -> list
 class SafetyUtilityDataModule(L.LightningDataModule):
     def __init__(
         self,
-        safety_files: list[str] | None = None,
-        utility_files: list[str] | None = None,
-        safety_val_files: list[str] | None = None,
-        utility_val_files: list[str] | None = None,
-        harmful_eval_files: list[str] | None = None,
-        benign_eval_files: list[str] | None = None,
+        safety_files: str | list[str] | None = None,
+        utility_files: str | list[str] | None = None,
+        safety_val_files: str | list[str] | None = None,
+        utility_val_files: str | list[str] | None = None,
+        harmful_eval_files: str | list[str] | None = None,
+        benign_eval_files: str | list[str] | None = None,
         tokenizer: str | None = None,
         safety_fields: dict[str, str] | None = None,
         utility_fields: dict[str, str] | None = None,
