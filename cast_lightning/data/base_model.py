@@ -53,7 +53,7 @@ TRAIN_CONFIG = {
     "weight_decay": 0.01,
     "grad_clip": 1.0,
     "max_length": 96,
-    "benign_repeat": 4,  # benign look-alikes are few: repeat them in the corpus
+    "benign_repeat": 1,  # times the benign look-alikes appear in the corpus
 }
 
 
@@ -353,12 +353,14 @@ def measure(model, tokenizer, world: world_lib.WorldPaths, batch_size: int = 64)
 
 def quick_safety_sft(model, tokenizer, world: world_lib.WorldPaths, steps: int = 200, replay: float = 0.5,
                      learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0, log=None) -> dict:
-    """Full fine-tuning on ``safety_train`` (refusals) mixed with utility replay (``replay`` utility rows
-    per safety row): the learnability check of the world, not the product's training path."""
+    """Full fine-tuning on ``safety_train`` (refusals) plus the benign look-alikes (helpful answers, so
+    the model learns what *not* to refuse) and utility replay (``replay`` utility rows per safety row).
+    The learnability check of the world, not the product's training path."""
     rng = random.Random(seed)
     safety = world_lib.read_jsonl(world.safety_train)
+    benign = world_lib.read_jsonl(world.benign_train)
     utility = world_lib.read_jsonl(world.utility_train)
-    rows = safety + rng.sample(utility, min(len(utility), int(len(safety) * replay)))
+    rows = safety + benign + rng.sample(utility, min(len(utility), int(len(safety) * replay)))
     return train_sft(model, tokenizer, rows, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                      warmup_steps=10, min_lr_ratio=0.1, seed=seed, log=log, log_every=50)
 
