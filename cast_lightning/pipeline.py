@@ -62,7 +62,9 @@ def _datamodule(base: Path, world, seed: int, batch_size: int = 16, utility_repl
     from cast_lightning.data.datamodule import SafetyUtilityDataModule
 
     return SafetyUtilityDataModule(
-        safety_files=[str(world.safety_train)],
+        # Benign look-alikes with helpful answers beside the refusals: without that contrast the shared
+        # prompt frames make the model refuse ~70% of benign look-alikes (measured by the world's --measure).
+        safety_files=[str(world.safety_train), str(world.benign_train)],
         utility_files=[str(world.utility_train)],
         tokenizer=str(base),
         utility_replay=utility_replay,

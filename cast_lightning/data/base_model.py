@@ -62,8 +62,12 @@ def default_cache_dir() -> Path:
 
 
 def config_key(seed: int = 0, scale: float = 1.0, model_config: dict | None = None, train_config: dict | None = None) -> str:
+    splits, _ = world_lib.generate_world(seed, scale)  # ~0.3 s: any change of the data changes the key
+    data = hashlib.sha256("".join(world_lib._jsonl(splits[name]) for name in world_lib.SPLITS).encode()).hexdigest()
     spec = {
         "world_version": world_lib.WORLD_VERSION,
+        "world_data": data,
+        "chat_template": world_lib.CHAT_TEMPLATE,
         "base_model_version": BASE_MODEL_VERSION,
         "seed": seed,
         "scale": scale,
@@ -90,18 +94,19 @@ def _log(message: str, quiet: bool) -> None:
 def set_threads() -> int:
     """One intra-op thread per free core: all cores on an idle machine (2 on the reference laptop CPU).
 
-    Cores already busy (1-minute load average) are left out: oversubscribed OpenMP threads spin and
-    made a step 10x slower in our measurements. ``CAST_NUM_THREADS`` overrides.
+    On a busy machine (1-minute load average >= 1) one thread fewer per busy core, at least one:
+    oversubscribed OpenMP threads spin, which made a training step up to 10x slower in our
+    measurements on a shared 2-core machine. ``CAST_NUM_THREADS`` overrides.
     """
     if os.environ.get("CAST_NUM_THREADS"):
         n = int(os.environ["CAST_NUM_THREADS"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         try:
-            busy = int(os.getloadavg()[0] + 0.5)
+            busy = int(os.getloadavg()[0])
         except OSError:
             busy = 0
-        n = max(1, min(cores, cores - busy))
+        n = max(1, min(cores, cores - busy + 1))
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
 
@@ -140,10 +145,10 @@ def train_sft(
     tokenizer,
     rows: Sequence[dict],
     steps: int,
-    batch_size: int = 64,
-    learning_rate: float = 3e-3,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
     warmup_steps: int = 40,
-    min_lr_ratio: float = 0.05,
+    min_lr_ratio: float = 0.1,
     weight_decay: float = 0.01,
     grad_clip: float = 1.0,
     max_length: int = 96,
@@ -352,15 +357,16 @@ def measure(model, tokenizer, world: world_lib.WorldPaths, batch_size: int = 64)
 
 
 def quick_safety_sft(model, tokenizer, world: world_lib.WorldPaths, steps: int = 200, replay: float = 0.5,
-                     learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0, log=None) -> dict:
+                     learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0, benign: bool = True,
+                     log=None) -> dict:
     """Full fine-tuning on ``safety_train`` (refusals) plus the benign look-alikes (helpful answers, so
     the model learns what *not* to refuse) and utility replay (``replay`` utility rows per safety row).
     The learnability check of the world, not the product's training path."""
     rng = random.Random(seed)
     safety = world_lib.read_jsonl(world.safety_train)
-    benign = world_lib.read_jsonl(world.benign_train)
+    contrast = world_lib.read_jsonl(world.benign_train) if benign else []
     utility = world_lib.read_jsonl(world.utility_train)
-    rows = safety + benign + rng.sample(utility, min(len(utility), int(len(safety) * replay)))
+    rows = safety + contrast + rng.sample(utility, min(len(utility), int(len(safety) * replay)))
     return train_sft(model, tokenizer, rows, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                      warmup_steps=10, min_lr_ratio=0.1, seed=seed, log=log, log_every=50)
 
@@ -383,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--measure", action="store_true", help="measure the base model and a quick safety SFT")
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--sft-replay", type=float, default=0.5)
+    parser.add_argument("--sft-no-benign", action="store_true", help="safety SFT without the benign look-alikes")
     parser.add_argument("--output", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -399,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["base"] = measure(model, tokenizer, world)
         _log(f"base: {json.dumps({k: v for k, v in report['base'].items() if k != 'samples'})}", False)
         report["safety_sft"] = quick_safety_sft(model, tokenizer, world, steps=args.sft_steps, replay=args.sft_replay,
-                                                log=lambda m: _log(m, False))
+                                                benign=not args.sft_no_benign, log=lambda m: _log(m, False))
         report["after_safety_sft"] = measure(model, tokenizer, world)
         _log(f"after safety SFT: {json.dumps({k: v for k, v in report['after_safety_sft'].items() if k != 'samples'})}", False)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)

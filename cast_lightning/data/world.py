@@ -2,20 +2,24 @@
 
 Everything is built by this file from a seed, with no download, so the whole pipeline runs anywhere:
 
-- utility skills (``add``, ``reverse``, ``sort``, ``count``, ``facts``) with train / diagnosis /
-  held-out splits; held-out items never occur in a training split (for ``facts`` the held-out
-  question is asked with a template that the fact was never trained with);
-- harmful requests in several categories, templated and abstract (no real harmful content): each
-  with a *compliant* answer (vague placeholder steps, pretraining data for the unaligned base model)
-  and a *refusal* (alignment data); held-out prompts of the training categories and one whole
-  held-out category that no training split mentions;
-- benign look-alikes ("how can I kill a stuck process") with helpful answers, some in
-  pretraining, a held-out set for measuring over-refusal;
-- a byte-level BPE tokenizer trained on the training corpus, saved with a chat template.
+- utility skills with train / diagnosis / held-out splits: ``add`` (two numbers below 30),
+  ``reverse`` and ``sort`` (3-5 letters), ``count`` (2-9 letters), ``facts`` (invented countries'
+  capital, animal and flag colour). Held-out items never occur in a training split: an unseen pair
+  or string, and for ``facts`` a known fact asked with a template it was never trained with;
+- harmful requests in eight categories, templated and abstract (no real harmful content): request
+  frame x act x victim x suffix. Each has a *compliant* answer (vague placeholder steps, pretraining
+  data for the unaligned base model) and a *refusal* in one of several phrasings (alignment data);
+  held out: unseen prompts of the seven training categories and the whole ``stalking`` category,
+  which no training split mentions;
+- benign look-alikes ("How can I kill a stuck process?") with helpful answers, in pretraining;
+  held out for over-refusal: unseen phrasings of trained activities and six activities never trained;
+- a byte-level BPE tokenizer (digits one per token) trained on the training splits, saved with
+  bos/eos/pad tokens and a chat template.
 
-``build_world(output_dir, seed, scale)`` writes the splits as JSONL plus ``world.json``;
-``write_eval_sets(eval_data_dir)`` writes the held-out prompt sets the evaluation package reads.
-The same seed gives byte-identical files.
+``build_world(output_dir, seed, scale)`` writes the splits as JSONL plus ``world.json`` and the
+tokenizer; ``write_eval_sets(eval_data_dir)`` writes the held-out prompt sets that ``eval/`` reads
+(``eval/data`` is this function's output for seed 0). The same seed gives byte-identical files;
+``scale`` (e.g. 0.05) shrinks every split for tests. Change ``WORLD_VERSION`` with the generator.
 """
 
 from __future__ import annotations
@@ -450,6 +454,8 @@ def generate_world(seed: int = 0, scale: float = 1.0) -> tuple[dict[str, list[di
         "refusals": REFUSALS,
         "refusal_prefixes": list(REFUSAL_PREFIXES),
         "n_facts": len(facts),
+        "add_ranges": [list(r) for r in ADD_RANGES],
+        "string_lengths": {k: list(v) for k, v in STRING_LENGTHS.items()},
         "special_tokens": {"bos": BOS, "eos": EOS, "pad": PAD, "user": USER, "assistant": ASSISTANT, "system": SYSTEM},
         "splits": {
             "utility_train": "utility skills, training (pretraining and utility replay)",
