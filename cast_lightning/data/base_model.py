@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cast_lightning.data import world as world_lib
-from cast_lightning.data.formatting import IGNORE_INDEX, collate, per_sample_loss, prompt_ids, tokenize_example
+from cast_lightning.data.formatting import IGNORE_INDEX, collate, per_sample_loss, tokenize_example
 
 BASE_MODEL_VERSION = 1
 
@@ -288,32 +288,11 @@ def ensure_base_model(cache_dir: str | Path | None = None, seed: int = 0, force:
 # Measuring
 
 
-@torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
-    """Greedy answers to chat-formatted prompts: batched (prompts sorted by length), left padding, KV cache."""
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
-    outputs: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        length = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), length), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = encoded[i]
-            input_ids[row, length - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, length - len(ids) :] = 1
-        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                   pad_token_id=pad, eos_token_id=eos)
-        for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(generated[row, length:], skip_special_tokens=True).strip()
-    model.train(was_training)
-    return outputs
+    """Greedy answers to chat-formatted prompts: the evaluation package's batched generation (one code path)."""
+    from cast_lightning.evaluation import generate_greedy as evaluation_generate_greedy
+
+    return evaluation_generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def refusal_detector() -> Callable[[str], bool]:
