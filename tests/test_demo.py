@@ -13,7 +13,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     tiny = functools.partial(base_model.ensure_base_model, cache_dir=tmp_path / "cache", scale=0.05, train_config={"steps": 10})
     monkeypatch.setattr(base_model, "ensure_base_model", tiny)
     out = tmp_path / "demo"
-    experiments = demo(output_dir=str(out), max_steps=3, eval_limit=4)
+    experiments = demo(output_dir=str(out), seeds=[0], max_steps=3, eval_limit=4)
     assert [r["variant"] for r in experiments["runs"]] == ["base", "full", "cast", "random"]
     assert (out / "diagnosis" / "conflict_map.json").exists() and (out / "diagnosis" / "conflict_map.png").exists()
     for name in ("report.md", "report.html", "report.json", "experiments.json"):
@@ -26,5 +26,5 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     # A second run reuses every finished stage: no checkpoint is rewritten.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("final.ckpt")}
     assert len(stamps) == 3
-    demo(output_dir=str(out), max_steps=3, eval_limit=4)
+    demo(output_dir=str(out), seeds=[0], max_steps=3, eval_limit=4)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("final.ckpt")} == stamps
