@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from cast_lightning.data.formatting import IGNORE_INDEX, collate, tokenize_example
+from cast_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from cast_lightning.errors import CastError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -239,7 +240,20 @@ class SafetyUtilityDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled by (seed, epoch), split across data-parallel ranks, resumable mid-epoch from a checkpoint."""
+        sampler_kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        sampler = ResumableSampler(self.train_set, seed=self.hparams.seed, **(sampler_kwargs or {}))
+        return ResumableDataLoader(
+            self.train_set,
+            sampler=sampler,
+            batches_done=self._batches_done_this_epoch,
+            batch_size=self.hparams.batch_size,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def _batches_done_this_epoch(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(examples, shuffle=False) for examples in self.val_sets]
