@@ -549,7 +549,11 @@ def overall_verdict(cast_rows: list[dict]) -> dict:
     names = sorted({r["label"].split(" @ ")[0] for r in cast_rows})
     ratios = lambda xs: ", ".join(f"{x:g}" for x in sorted(set(xs)))  # noqa: E731
     total = len(cast_rows)
-    if not wins:
+    if all(r["outcome"] == "inconclusive" for r in cast_rows):
+        # One seed has no spread: saying "does not beat" would claim a result that was not measured.
+        sentence = (f"{' / '.join(names)} vs random skipping cannot be judged at skip ratio {ratios(others)}: "
+                    f"one seed gives no spread (run two or more seeds).")
+    elif not wins:
         sentence = f"{' / '.join(names)} does not beat random skipping at any tested skip ratio ({ratios(others)})."
     elif not others:
         sentence = f"{' / '.join(names)} beats random skipping at every tested skip ratio ({ratios(wins)})."

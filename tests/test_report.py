@@ -281,6 +281,9 @@ def test_verdict_cast_does_not_beat_random():
     data = build_report(synthetic([0.75], [0.65]))
     assert data["comparisons"][0]["outcome"] == "inconclusive"
     assert "cannot be judged: one seed gives no spread" in data["comparisons"][0]["sentence"]
+    assert data["verdict"]["sentence"] == (
+        "CAST (product) vs random skipping cannot be judged at skip ratio 0.1: one seed gives no spread (run two or more seeds)."
+    )
 
 
 # --- statistics by hand ----------------------------------------------------------------------------------------------
