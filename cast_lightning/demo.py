@@ -30,7 +30,7 @@ def demo(
         eval_limit: evaluate only this many prompts/documents per suite (quicker, noisier).
     """
     from cast_lightning.pipeline import run_experiments, stage
-    from cast_lightning.report import render_report
+    from cast_lightning.report import check_study, render_report
 
     started = time.perf_counter()
     if full:
@@ -40,6 +40,8 @@ def demo(
         plan = dict(variants=["base", "full", "cast", "random"], skip_ratios=[skip_ratio], seeds=[0, 1, 2], single_head_validity=0)
     if seeds is not None:
         plan["seeds"] = list(seeds)
+    # cast report's checks, before the base model is built or anything trains.
+    check_study(output_dir=output_dir, max_steps=max_steps, eval_limit=eval_limit, **plan)
     experiments = run_experiments(output_dir=output_dir, max_steps=max_steps, eval_limit=eval_limit, **plan)
     paths = render_report(experiments, output_dir)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -56,6 +56,7 @@ from cast_lightning.conflict import (
 from cast_lightning.data.formatting import IGNORE_INDEX, per_sample_loss
 from cast_lightning.errors import CastError
 from cast_lightning.heads import KV_POLICIES, HeadLayout
+from cast_lightning.io import ensure_writable
 
 SAFETY, UTILITY = 0, 1  # dataloader_idx of the two diagnosis loaders
 
@@ -419,6 +420,8 @@ def diagnose(
     ``torch.distributed`` group, statistics are summed across ranks and only rank 0 writes.
     """
     opts = DiagnosisOptions(**options).validate()
+    if output is not None:  # fail before the gradients, not after
+        ensure_writable(output, "output")
     layout = HeadLayout.from_model(model)
     device = next(model.parameters()).device
     was_training = model.training
@@ -510,6 +513,10 @@ class DiagnosisModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    def resolve_output(self, default_root_dir: str | os.PathLike) -> Path:
+        """Where the map goes: ``output``, else ``<default_root_dir>/conflict_map.json``."""
+        return Path(self.output or Path(default_root_dir) / "conflict_map.json")
+
     def configure_model(self) -> None:
         """Under ``configs/strategy/fsdp2.yaml`` (ModelParallelStrategy, which requires this hook) the model is kept
         whole on every rank and the diagnosis runs data-parallel, like DDP: it holds no optimizer state and only the
@@ -543,7 +550,7 @@ class DiagnosisModule(L.LightningModule):
             stats.detach()
             self._stats = None
         self.conflict_map.timing["total_s"] = round(time.perf_counter() - self._start, 4)
-        self.output_path = Path(self.output or Path(self.trainer.default_root_dir) / "conflict_map.json")
+        self.output_path = self.resolve_output(self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             write_map(self.conflict_map, self.output_path, self.plot)
         strategy.barrier("cast_diagnosis_written")
@@ -560,6 +567,12 @@ def run_diagnosis(model: DiagnosisModule, datamodule, trainer: L.Trainer) -> Con
     (written to ``model.output_path`` by rank 0)."""
     if getattr(trainer, "predict_loop", None) is not None and trainer.predict_loop.inference_mode:
         raise CastError("diagnosis needs gradients: run it with --trainer.inference_mode false")
+    if trainer.is_global_zero:
+        # Before any gradient is taken: an unwritable output must not cost a finished diagnosis.
+        output = model.resolve_output(trainer.default_root_dir)
+        ensure_writable(output, "--model.output")
+        if model.plot:
+            ensure_writable(output.with_suffix(".png"), "--model.output")
     loaders = datamodule.diagnosis_dataloaders()
     if len(loaders) != 2:
         raise CastError(f"diagnosis_dataloaders() must return [safety, utility], got {len(loaders)} loaders")

@@ -515,6 +515,23 @@ def evaluate(
         raise CastError(f"unknown suite {suite!r}: use one of {', '.join(SUITES)}")
     if limit is not None and limit < 1:
         raise CastError("--limit must be >= 1")
+    # Before loading the model and generating: a bad output path must not cost a finished evaluation.
+    from cast_lightning.io import ensure_writable
+
+    ensure_writable(output, "--output")
+    if samples is not None:
+        ensure_writable(samples, "--samples")
+    if suite in ("safety", "all"):
+        for prompts in (harmful, benign):
+            if prompts is not None:
+                read_prompts(prompts)  # a missing or broken prompt file fails now, not after the model loads
+    if model.endswith(".ckpt"):  # a missing or damaged checkpoint is named as such, before any work
+        from cast_lightning.module import check_checkpoint_file
+
+        if not os.path.exists(model):
+            raise CastError(f"checkpoint {model} does not exist: give the .ckpt written by cast fit")
+        if os.path.isfile(model):
+            check_checkpoint_file(model, "give a .ckpt written by cast fit")
     started = time.perf_counter()
     torch.manual_seed(seed)
     model_obj, tokenizer, identity = load_for_eval(model, dtype=dtype, device=device)

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 
 from cast_lightning.errors import CastError
+from cast_lightning.io import ensure_writable
 from cast_lightning.loading import load_checkpoint_model
+
+# Written into every export: it marks a directory export() may replace (and records the frozen heads).
+MARKER = "cast_skip_heads.json"
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Refuse, before loading anything, an output_dir that cannot be written or is not ours to replace."""
+    ensure_writable(output_dir, "--output_dir", directory=True)
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.exists(os.path.join(output_dir, MARKER)):
+        # Replacing the directory deletes what is in it: only ever do that to an earlier export.
+        raise CastError(
+            f"--output_dir {output_dir} exists and is not a cast export (no {MARKER}); "
+            f"choose a new or empty --output_dir so nothing in it is deleted"
+        )
+
+
+def _fsync_tree(directory: str) -> None:
+    # The rename below must publish whole files, also after a power cut (the page cache would be lost).
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def export(*, ckpt_path: str, output_dir: str, safe_serialization: bool = True) -> str:
@@ -15,32 +39,41 @@ def export(*, ckpt_path: str, output_dir: str, safe_serialization: bool = True) 
 
     Args:
         ckpt_path: a checkpoint written by ``cast fit`` (a .ckpt file or a sharded checkpoint directory).
-        output_dir: the directory to write; replaced atomically (an existing one is kept until the new one is complete).
+        output_dir: the directory to write: new, empty, or an earlier export, which is replaced atomically
+            (kept until the new one is complete); any other existing directory is refused.
         safe_serialization: write safetensors (default) rather than pickle-based .bin weights.
     """
-    model, tokenizer, checkpoint = load_checkpoint_model(ckpt_path)
     output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
-    except OSError as error:
-        raise CastError(f"cannot write {output_dir}: {error.strerror}; choose a writable --output_dir") from error
+    _check_output_dir(output_dir)
+    if os.path.isfile(ckpt_path):
+        from cast_lightning.module import check_checkpoint_file
+
+        check_checkpoint_file(ckpt_path, "give a .ckpt written by cast fit")
+    model, tokenizer, checkpoint = load_checkpoint_model(ckpt_path)
+    parent, name = os.path.dirname(output_dir), os.path.basename(output_dir)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".staging", dir=parent)
+    old = None
     try:
         model.save_pretrained(staging, safe_serialization=safe_serialization)
         tokenizer.save_pretrained(staging)
         skip = checkpoint.get("cast_skip_heads", [])
-        with open(os.path.join(staging, "cast_skip_heads.json"), "w") as handle:
-            handle.write(__import__("json").dumps({"skip_heads": skip}) + "\n")
+        with open(os.path.join(staging, MARKER), "w") as handle:
+            handle.write(json.dumps({"skip_heads": skip}) + "\n")
+        _fsync_tree(staging)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; an export is shared like any save_pretrained directory
         if os.path.exists(output_dir):
-            old = output_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
+            # Two renames: a crash between them leaves the old export whole under the unique .old name.
+            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
             os.replace(output_dir, old)
             os.replace(staging, output_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, output_dir)
     except BaseException:
+        if old is not None and os.path.isdir(old) and not os.path.exists(output_dir):
+            os.replace(old, output_dir)  # the second rename failed: put the earlier export back
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"[cast] exported {ckpt_path} -> {output_dir}")

@@ -7,6 +7,8 @@ The loss is separate from the masking, so other objectives can replace ``trainin
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import warnings
 
 import lightning as L
@@ -55,6 +57,61 @@ def resolve_skip_heads(
         layout.check_head(layer, head)
         heads.append((layer, head))
     return sorted(set(heads))
+
+
+def _same_model(a: str, b: str) -> bool:
+    if str(a) == str(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _load_weights_only(ckpt_path: str) -> dict:
+    try:
+        # mmap: the tensors are not read, so checking a many-GB checkpoint before the real load costs little.
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap can only be used" not in str(error):  # a legacy (non-zip) torch.save file: read it whole
+            raise
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+
+def check_checkpoint_file(ckpt_path: str, fix: str) -> dict:
+    """A ``cast fit`` checkpoint file read as Lightning and ``loading.read_checkpoint`` will read it, first and
+    cheaply (tensors memory-mapped), so a bad file is one line naming ``fix`` instead of a traceback.
+
+    Refused: a file ``torch.load(weights_only=True)`` cannot read because it holds pickled objects (they are
+    never unpickled, so no code in a checkpoint runs), a truncated or corrupt one (an interrupted save), and
+    one that is not a CASTModule checkpoint.
+    """
+    try:
+        checkpoint = _load_weights_only(ckpt_path)
+    except pickle.UnpicklingError as error:
+        raise CastError(
+            f"refused checkpoint {ckpt_path}: it holds pickled objects, and checkpoints are read with weights_only=True "
+            f"so that no code in them runs; {fix}"
+        ) from error
+    except Exception as error:
+        raise CastError(
+            f"cannot read checkpoint {ckpt_path} ({error.__class__.__name__}): it is truncated or corrupt, "
+            f"e.g. left by an interrupted save; {fix}"
+        ) from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "pretrained" not in hparams or "state_dict" not in checkpoint:
+        raise CastError(f"{ckpt_path} is not a cast fit checkpoint (no state_dict / hyper_parameters.pretrained); {fix}")
+    return checkpoint
+
+
+def check_resume_checkpoint(ckpt_path: str, pretrained: str | None = None) -> dict:
+    """``--ckpt_path`` of ``cast fit/validate/test``: ``check_checkpoint_file``, and the checkpoint must come from
+    ``--model.pretrained`` (LightningCLI would otherwise silently switch to the checkpoint's model)."""
+    checkpoint = check_checkpoint_file(ckpt_path, "resume from an earlier checkpoint or drop --ckpt_path")
+    saved = str(checkpoint["hyper_parameters"]["pretrained"])
+    if pretrained is not None and not _same_model(saved, str(pretrained)):
+        raise CastError(
+            f"checkpoint {ckpt_path} was trained from {saved}, not --model.pretrained {pretrained}: "
+            f"resume with --model.pretrained {saved}, or drop --ckpt_path to start a new run"
+        )
+    return checkpoint
 
 
 class CASTModule(L.LightningModule):
@@ -161,7 +218,27 @@ class CASTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = [list(head) for head in self.skip_heads]
 
+    def check_checkpoint_fits(self, checkpoint: dict) -> None:
+        """The checkpoint's weights must fit this model: Lightning's strict load would fail too, but with a
+        many-line RuntimeError listing every tensor, and only after the run's config and loggers are written."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict) or self._sharding()[0] != DENSE:
+            return  # sharded strategies load their own state and check it themselves
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or reshaped:
+            example = (reshaped or missing or unexpected)[0]
+            saved = (checkpoint.get("hyper_parameters") or {}).get("pretrained", "unknown")
+            raise CastError(
+                f"the checkpoint's weights do not fit {self.hparams.pretrained} ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {example}; the checkpoint names "
+                f"{saved}): resume with the model the checkpoint was trained from, or drop --ckpt_path"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint_fits(checkpoint)
         if CHECKPOINT_KEY not in checkpoint:
             return
         saved = sorted((int(layer), int(head)) for layer, head in checkpoint[CHECKPOINT_KEY])

@@ -1,7 +1,8 @@
 """The experiment pipeline on the embedded world: base model -> diagnose -> fit variants x seeds -> eval.
 
 Every stage writes its result atomically and is skipped when that result already exists, so re-running
-``cast demo`` or ``cast report`` does no finished work twice. Layout of ``output_dir``::
+``cast demo`` or ``cast report`` does no finished work twice; a result file that cannot be read (damaged
+outside cast) is recomputed, with one progress line saying so. Layout of ``output_dir``::
 
     base_model -> cached base model directory (symlink)      world -> its generated data (symlink)
     diagnosis/conflict_map.json (+ .png)                     eval/base.json
@@ -17,16 +18,19 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from cast_lightning.errors import CastError
-from cast_lightning.io import atomic_write_json
+from cast_lightning.io import atomic_save, atomic_write_json
 
 MAP_VARIANTS = {"cast": "product", "random": "random", "oc": "oc", "fs": "fs", "rank": "rank", "weighted": "weighted"}
 VARIANTS = ("base", "full", *MAP_VARIANTS)
+T = TypeVar("T")
 
 
 def stage(message: str, started: float | None = None) -> float:
@@ -35,6 +39,34 @@ def stage(message: str, started: float | None = None) -> float:
     suffix = f" ({now - started:.1f}s)" if started is not None else ""
     print(f"[cast] {message}{suffix}", flush=True)
     return now
+
+
+def _cached(path: Path, read: Callable[[Path], T]) -> T | None:
+    """A finished stage's result from its file, or None when the stage must run: the file is missing, or it
+    cannot be read (every stage writes atomically, so that means damage from outside, e.g. a copy cut short or
+    an edit): one progress line says so and the stage is recomputed rather than stopping the whole study."""
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    except (CastError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        stage(f"cached {path} is unreadable ({reason}); recomputing it")
+        return None
+
+
+def _read_results(path: Path) -> dict:
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
+        raise CastError(f"{path} has no 'metrics' object")
+    return results
+
+
+def _read_checkpoint(path: Path) -> Path:
+    from cast_lightning.module import check_resume_checkpoint
+
+    check_resume_checkpoint(str(path))  # memory-mapped: checks the file is whole without reading the tensors
+    return path
 
 
 def _link(target: Path, link: Path) -> None:
@@ -81,8 +113,9 @@ def diagnose_stage(base: Path, world, output: Path, samples: int = 256, batch_si
     from cast_lightning.diagnosis import diagnose
     from cast_lightning.loading import load_causal_lm
 
-    if output.exists():
-        return ConflictMap.from_json(output)
+    cached = _cached(output, ConflictMap.from_json)
+    if cached is not None:
+        return cached
     started = stage("diagnose: safety and utility gradients per head")
     data = SafetyUtilityDataModule(
         safety_files=[str(world.safety_diagnosis)], utility_files=[str(world.utility_diagnosis)],
@@ -98,8 +131,9 @@ def variant_map(cmap, score: str, skip_ratio: float, seed: int, output: Path) ->
     """The diagnosis map re-scored and re-selected for one variant (no new gradients needed)."""
     from cast_lightning.conflict import ConflictMap, combine_scores, select_heads
 
-    if output.exists():
-        return ConflictMap.from_json(output)
+    cached = _cached(output, ConflictMap.from_json)
+    if cached is not None:
+        return cached
     scores = combine_scores(cmap.oc, cmap.fs, score, seed=seed)
     skip = select_heads(scores, skip_ratio=skip_ratio, seed=seed)
     options = {**cmap.options, "score": score, "skip_ratio": skip_ratio, "seed": seed}
@@ -119,8 +153,10 @@ def fit_stage(
     from cast_lightning.module import CASTModule
 
     final = run_dir / "final.ckpt"
-    if final.exists():
+    if _cached(final, _read_checkpoint) is not None:
         return final, None
+    if final.exists():  # unreadable: its results came from weights that are gone, so they are redone too
+        (run_dir / "eval.json").unlink(missing_ok=True)
     started = stage(f"fit {run_dir.name}: {max_steps} steps")
     L.seed_everything(seed, verbose=False)
     module = CASTModule(
@@ -133,9 +169,7 @@ def fit_stage(
         deterministic=True,
     )
     trainer.fit(module, _datamodule(base, world, seed))
-    tmp = run_dir / ".final.ckpt.tmp"
-    trainer.save_checkpoint(tmp)
-    os.replace(tmp, final)
+    atomic_save(final, trainer.save_checkpoint)
     return final, stage(f"fit {run_dir.name}: done", started) - started
 
 
@@ -143,8 +177,9 @@ def eval_stage(model: Path, output: Path, limit: int | None = None) -> dict:
     """Safety and utility suites on ``model`` -> results JSON (cached)."""
     from cast_lightning.evaluation import evaluate
 
-    if output.exists():
-        return json.loads(output.read_text())
+    cached = _cached(output, _read_results)
+    if cached is not None:
+        return cached
     started = stage(f"eval {output.parent.name if output.name == 'eval.json' else output.stem}")
     results = evaluate(model=str(model), suite="all", output=str(output), limit=limit, batch_size=64)
     summary = ", ".join(f"{k}={v:.3f}" for k, v in results["metrics"].items() if isinstance(v, float))

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cast_lightning.errors import CastError
-from cast_lightning.io import atomic_save, atomic_write_json, atomic_write_text
+from cast_lightning.io import atomic_save, atomic_write_json, atomic_write_text, ensure_writable
 
 SCHEMA_VERSION = 1
 VARIANTS = ("base", "full", "cast", "random", "oc", "fs")
@@ -1080,6 +1080,35 @@ def render_report(experiments: dict | str | os.PathLike, output_dir: str | os.Pa
 # --- the command ----------------------------------------------------------------------------------------------------
 
 
+def check_study(
+    *,
+    output_dir: str | os.PathLike,
+    variants: Sequence[str],
+    skip_ratios: Sequence[float],
+    seeds: Sequence[int],
+    single_head_validity: int,
+    max_steps: int,
+    eval_limit: int | None,
+) -> None:
+    """The options ``cast report`` and ``cast demo`` share, checked before anything is built or trained:
+    a typo must cost a second, not a finished fine-tuning run. Raises a one-line CastError naming the fix."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise CastError(f"unknown variant(s) {', '.join(map(str, unknown))}: use any of {', '.join(VARIANTS)}")
+    bad = [r for r in skip_ratios if not 0.0 < float(r) <= 1.0]
+    if bad:
+        raise CastError(f"skip ratio(s) {', '.join(map(str, bad))} outside (0, 1]: give fractions of heads to skip")
+    if not seeds:
+        raise CastError("no seeds given: give at least one, e.g. --seeds '[0, 1, 2]'")
+    if single_head_validity < 0:
+        raise CastError(f"single_head_validity {single_head_validity} is negative: give 0 (no validity runs) or more heads")
+    if max_steps < 1:
+        raise CastError(f"max_steps {max_steps} is below 1: give at least 1 optimizer step per fine-tuning run")
+    if eval_limit is not None and eval_limit < 1:
+        raise CastError(f"eval_limit {eval_limit} is below 1: give at least 1, or null to evaluate everything")
+    ensure_writable(Path(output_dir) / "report.md", "--output_dir")
+
+
 def report(
     *,
     output_dir: str = "cast_runs/report",
@@ -1113,16 +1142,8 @@ def report(
     Returns:
         The written files: name -> path.
     """
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise CastError(f"unknown variant(s) {', '.join(map(str, unknown))}: use any of {', '.join(VARIANTS)}")
-    bad = [r for r in skip_ratios if not 0.0 < float(r) <= 1.0]
-    if bad:
-        raise CastError(f"skip ratio(s) {', '.join(map(str, bad))} outside (0, 1]: give fractions of heads to skip")
-    if not seeds:
-        raise CastError("no seeds given: give at least one, e.g. --seeds '[0, 1, 2]'")
-    if single_head_validity < 0 or max_steps < 1 or (eval_limit is not None and eval_limit < 1):
-        raise CastError("single_head_validity must be >= 0, max_steps >= 1 and eval_limit >= 1 (or null)")
+    check_study(output_dir=output_dir, variants=variants, skip_ratios=skip_ratios, seeds=seeds,
+                single_head_validity=single_head_validity, max_steps=max_steps, eval_limit=eval_limit)
     from cast_lightning.pipeline import run_experiments
 
     experiments = run_experiments(
