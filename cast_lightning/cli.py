@@ -152,7 +152,21 @@ def _run_function(name: str, argv: list[str]) -> None:
         from cast_lightning.report import report as function
     else:
         from cast_lightning.demo import demo as function
-    CLI(function, args=argv, prog=f"cast {name}", **PARSER_KWARGS)
+    CLI(function, args=_bare_flags_to_true(function, argv), prog=f"cast {name}", **PARSER_KWARGS)
+
+
+def _bare_flags_to_true(function, argv: list[str]) -> list[str]:
+    """``--full`` alone means ``--full true`` for the function's bool options (jsonargparse wants a value)."""
+    import inspect
+
+    flags = {f"--{name}" for name, p in inspect.signature(function).parameters.items() if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if arg in flags and following.startswith("-"):
+            out.append("true")
+    return out
 
 
 def _config_files(argv: list[str]) -> list[str]:

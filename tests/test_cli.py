@@ -108,3 +108,12 @@ def test_fit_works_for_other_architectures(architecture, tiny_data, tmp_path):
     model_dir = make_pretrained(tmp_path / architecture, architecture)
     assert run_cast(fit_args(model_dir, tiny_data, tmp_path / "run", "--model.skip_heads=[[1, 0]]", "--trainer.max_steps=2")) == 0
     assert list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_bare_bool_flag_means_true():
+    from cast_lightning.cli import _bare_flags_to_true
+    from cast_lightning.demo import demo
+
+    assert _bare_flags_to_true(demo, ["--full"]) == ["--full", "true"]
+    assert _bare_flags_to_true(demo, ["--full", "--seeds", "[0]"]) == ["--full", "true", "--seeds", "[0]"]
+    assert _bare_flags_to_true(demo, ["--full", "false"]) == ["--full", "false"]
