@@ -240,20 +240,20 @@ def _fingerprint(paths: Sequence[Path]) -> dict:
 
 
 def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer, identity) from a CASTModule ``.ckpt`` (or sharded checkpoint dir), an HF directory or a hub name.
+    """(model, tokenizer, identity) from a ``cast fit`` checkpoint (a ``.ckpt`` file, or the checkpoint directory
+    FSDP2 or DeepSpeed writes), an HF directory or a hub name.
 
-    A Lightning checkpoint is read with ``torch.load(weights_only=True)``; its
-    ``hyper_parameters["pretrained"]`` names the base model, whose weights are replaced by the
-    checkpoint's ``model.*`` tensors. ``identity`` records what was evaluated (path, kind, base model,
-    step, skipped heads, a sha256 of the weights up to 2 GiB).
+    Checkpoints go through ``loading.load_checkpoint_model``, the loader ``cast export`` uses: read without
+    executing code, the base model named in ``hyper_parameters["pretrained"]`` (in the checkpoint's dtype) with
+    the trained weights. ``identity`` records what was evaluated (path, kind, base model, step, skipped heads, a
+    sha256 of the weights up to 2 GiB).
     """
-    from cast_lightning.loading import is_lightning_checkpoint, load_causal_lm, load_checkpoint_model, load_tokenizer
+    from cast_lightning.loading import checkpoint_files, is_lightning_checkpoint, load_checkpoint_model, load_model_and_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolved = os.path.abspath(path) if os.path.exists(path) else path
     if os.path.exists(path) and is_lightning_checkpoint(path):
         model, tokenizer, checkpoint = load_checkpoint_model(path)
-        files = [Path(path)] if os.path.isfile(path) else list(Path(path).rglob("*"))
         identity = {
             "kind": "lightning_checkpoint",
             "path": resolved,
@@ -261,13 +261,12 @@ def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, 
             "global_step": checkpoint.get("global_step"),
             "epoch": checkpoint.get("epoch"),
             "skip_heads": checkpoint.get("cast_skip_heads", []),
-            "fingerprint": _fingerprint(files),
+            "fingerprint": _fingerprint([Path(f) for f in checkpoint_files(path)]),
         }
     elif os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise CastError(f"{path} is neither a Lightning checkpoint nor an HF model directory (no config.json)")
-        model = load_causal_lm(path, dtype, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(path, dtype, trust_remote_code=trust_remote_code)
         weights = [p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin")]
         skip_file = Path(path) / "cast_skip_heads.json"
         identity = {
@@ -279,8 +278,7 @@ def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, 
     elif os.path.exists(path):
         raise CastError(f"{path} is neither a .ckpt checkpoint nor an HF model directory")
     else:
-        model = load_causal_lm(path, dtype, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(path, dtype, trust_remote_code=trust_remote_code)
         identity = {"kind": "hub", "path": path}
     if getattr(model.generation_config, "eos_token_id", None) is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id

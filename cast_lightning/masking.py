@@ -5,7 +5,8 @@ values after each optimizer step undoes what decoupled weight decay (or any opti
 Both touch only the frozen slices, so the cost is proportional to the skipped heads, not the model.
 
 How a rank holds a parameter depends on the strategy, so each frozen parameter becomes one entry
-that knows where its frozen elements live on this rank (``bind`` picks the kind per parameter):
+that knows where its frozen elements live on this rank (``HeadMask`` picks the kind per parameter from
+``strategies.sharding_of``):
 
 * ``_DenseEntry``: the whole tensor (one device, DDP) or a DTensor (FSDP2, ``fully_shard``). FSDP2
   shards dim 0, so a row range is translated to the local rows and a column range applies to every
@@ -32,11 +33,10 @@ import torch
 
 from cast_lightning.errors import CastError
 from cast_lightning.heads import HeadLayout, ParamSlice
+from cast_lightning.strategies import DEEPSPEED, DENSE, FSDP1, is_dtensor
 
 # Wrapper modules insert these into parameter names; HeadLayout names are the plain HF ones.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-DENSE, FSDP1, FSDP2, DEEPSPEED = "dense", "fsdp", "fsdp2", "deepspeed"
 
 
 def clean_name(name: str) -> str:
@@ -45,26 +45,9 @@ def clean_name(name: str) -> str:
     return name
 
 
-def sharding_of(strategy) -> str:
-    """``dense`` (one device, DDP), ``fsdp`` (FSDP1), ``fsdp2`` (ModelParallelStrategy) or ``deepspeed``."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    if isinstance(strategy, DeepSpeedStrategy):
-        return DEEPSPEED
-    if isinstance(strategy, FSDPStrategy):
-        return FSDP1
-    if isinstance(strategy, ModelParallelStrategy):
-        return FSDP2
-    return DENSE
-
-
-def _is_dtensor(tensor) -> bool:
-    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
-
-
 def _local(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The locally held part of ``tensor`` and the global index of its first row."""
-    if _is_dtensor(tensor):
+    if is_dtensor(tensor):
         from torch.distributed.tensor import Shard
 
         local = tensor.to_local()
@@ -251,8 +234,9 @@ def _fsdp1_windows(root: torch.nn.Module | None) -> dict[int, tuple[torch.Size, 
 class HeadMask:
     """Freezes a set of parameter slices of ``model`` (names relative to ``model``, wrapper prefixes ignored).
 
-    Built unbound (plain tensors); ``bind(sharding, root)`` re-targets it at the live parameters once the
-    strategy has wrapped or partitioned them.
+    ``sharding`` (``strategies.sharding_of``) and ``root`` (the module the strategy wrapped) say how this rank
+    holds the parameters; CASTModule builds a new mask on the live parameters once the strategy has wrapped or
+    partitioned them (``on_fit_start``).
     """
 
     def __init__(self, model: torch.nn.Module, slices: Iterable[ParamSlice], sharding: str = DENSE, root=None):
@@ -344,126 +328,3 @@ def _full_shape(param: torch.nn.Parameter, windows: dict) -> tuple[int, ...]:
     if hasattr(param, "ds_shape"):
         return tuple(param.ds_shape)
     return tuple(param.shape)
-
-
-# -- strategy-aware gradient norm and clipping ---------------------------------------------------------------------
-
-
-@torch.no_grad()
-def total_grad_norm(model: torch.nn.Module, sharding: str = DENSE, root=None) -> torch.Tensor | None:
-    """The global 2-norm of all gradients of ``model`` as the optimizer sees them; None where ``.grad`` is not
-    where the gradients live (DeepSpeed: ask the engine, ``get_global_grad_norm``)."""
-    if sharding == DEEPSPEED:
-        return None
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    group = None
-    if sharding == FSDP2 and _is_dtensor(grads[0]):
-        group = grads[0].device_mesh.get_group()
-        grads = [g.to_local() for g in grads]
-    elif sharding == FSDP1 and root is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        roots = FSDP.fsdp_modules(root, root_only=True)
-        if roots and any(m.sharding_strategy.name != "NO_SHARD" for m in FSDP.fsdp_modules(root)):
-            group = roots[0].process_group
-    squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    if group is not None:
-        torch.distributed.all_reduce(squares, group=group)
-    return squares.sqrt()
-
-
-def clip_fsdp1(root: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """FSDP1 norm clipping (Lightning's FSDPPrecision refuses it): the root FSDP module's ``clip_grad_norm_``,
-    which reduces the sharded norms across ranks."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    roots = FSDP.fsdp_modules(root, root_only=True)
-    if not roots:
-        raise CastError("FSDP gradient clipping needs an FSDP-wrapped model: use configs/strategy/fsdp.yaml")
-    return roots[0].clip_grad_norm_(max_norm)
-
-
-# -- sharding the model (CASTModule.configure_model) ----------------------------------------------------------------
-
-
-def shard_model(model: torch.nn.Module, sharding: str, mesh=None) -> torch.nn.Module:
-    """One FSDP unit per decoder layer, then the root model; returns the module to keep as ``self.model``.
-
-    Decoder layers are the model's ``_no_split_modules`` classes, so any HF architecture works without a wrap
-    policy. FSDP2: ``fully_shard`` over the data-parallel dimension of ``mesh`` (the model keeps its identity).
-    FSDP1: ``wrap`` inside Lightning's ``enable_wrap`` context, so the strategy's kwargs (``use_orig_params``,
-    mixed precision, sharding strategy) apply; the root is wrapped too, else Lightning, seeing wrapped children,
-    would leave embeddings, final norm and head unsharded and unsynchronized.
-    """
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [(name, module) for name, module in model.named_modules() if type(module).__name__ in layer_classes]
-    if not layers:
-        raise CastError(f"cannot find the decoder layers of {type(model).__name__} to shard: use --trainer.strategy ddp")
-    if sharding == FSDP2:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if isinstance(model, FSDPModule):  # configure_model runs again for validate/test after fit
-            return model
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise CastError("CAST shards with FSDP2 only: use configs/strategy/fsdp2.yaml (tensor_parallel_size 1)")
-        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
-        for _, layer in layers:
-            fully_shard(layer, mesh=data_parallel)
-        fully_shard(model, mesh=data_parallel)
-        return model
-    if sharding == FSDP1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import wrap
-
-        if isinstance(model, FullyShardedDataParallel):
-            return model
-        modules = dict(model.named_modules())
-        for name, layer in layers:
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, wrap(layer))
-        return wrap(model)
-    return model
-
-
-# -- FSDP2 for the config files -------------------------------------------------------------------------------------
-
-
-def _fsdp2_strategy_class():
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    class FSDP2Strategy(ModelParallelStrategy):
-        """Lightning's ``ModelParallelStrategy`` used as pure FSDP2: one data-parallel mesh over every process
-        (``num_nodes x devices``), no tensor parallelism. ``CASTModule.configure_model`` applies ``fully_shard``.
-
-        Args:
-            data_parallel_size: processes in the data-parallel mesh; ``auto`` = the world size.
-            save_distributed_checkpoint: each rank writes its shard (a checkpoint directory; ``cast export`` reads
-                it); False gathers the full state on rank 0 into one file.
-            process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs (default: chosen from the device).
-        """
-
-        def __init__(
-            self,
-            data_parallel_size: int | str = "auto",
-            save_distributed_checkpoint: bool = True,
-            process_group_backend: str | None = None,
-        ) -> None:
-            super().__init__(
-                data_parallel_size=data_parallel_size,
-                tensor_parallel_size=1,
-                save_distributed_checkpoint=save_distributed_checkpoint,
-                process_group_backend=process_group_backend,
-            )
-
-        def setup_environment(self) -> None:
-            if self._data_parallel_size == "auto":
-                self._data_parallel_size = self.num_nodes * self.num_processes
-            super().setup_environment()
-
-    return FSDP2Strategy
-
-
-FSDP2Strategy = _fsdp2_strategy_class()

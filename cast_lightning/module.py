@@ -17,14 +17,14 @@ import torch
 from cast_lightning.errors import CastError
 from cast_lightning.heads import KV_POLICIES, HeadLayout
 from cast_lightning.loading import load_causal_lm, load_tokenizer
-from cast_lightning.masking import (
+from cast_lightning.masking import HeadMask, original_shapes
+from cast_lightning.strategies import (
     DEEPSPEED,
     DENSE,
     FSDP1,
     FSDP2,
-    HeadMask,
     clip_fsdp1,
-    original_shapes,
+    generation_setup,
     shard_model,
     sharding_of,
     total_grad_norm,
@@ -161,7 +161,7 @@ class CASTModule(L.LightningModule):
     # -- the mask --------------------------------------------------------------------------------------------------
 
     def _sharding(self) -> tuple[str, torch.nn.Module | None]:
-        """How the strategy holds the parameters (masking.sharding_of) and the module it wrapped."""
+        """How the strategy holds the parameters (strategies.sharding_of) and the module it wrapped."""
         if self._trainer is None:
             return DENSE, None
         return sharding_of(self.trainer.strategy), self.trainer.strategy.model
@@ -177,7 +177,7 @@ class CASTModule(L.LightningModule):
         self.head_mask = self._build_mask()
 
     def configure_model(self) -> None:
-        """FSDP1/FSDP2 strategies: one FSDP unit per decoder layer, then the root model (masking.shard_model)."""
+        """FSDP1/FSDP2 strategies: one FSDP unit per decoder layer, then the root model (strategies.shard_model)."""
         sharding, _ = self._sharding()
         if sharding in (FSDP1, FSDP2):
             self.model = shard_model(self.model, sharding, self.device_mesh if sharding == FSDP2 else None)
@@ -282,7 +282,11 @@ class CASTModule(L.LightningModule):
         from cast_lightning.evaluation import generate_greedy
 
         name = list(self.refusal_rates)[dataloader_idx]
-        texts = generate_greedy(self.model, self.tokenizer, batch, max_new_tokens=self.hparams.max_new_tokens, batch_size=len(batch))
+        # Sharded weights: every rank generates until all are done (synced_gpus), else the ranks deadlock.
+        with generation_setup(self.trainer.strategy, self.model, self.trainer.world_size) as generate_kwargs:
+            texts = generate_greedy(
+                self.model, self.tokenizer, batch, max_new_tokens=self.hparams.max_new_tokens, batch_size=len(batch), **generate_kwargs
+            )
         metric = self.refusal_rates[name]
         metric.update(texts)
         key = {"harmful": "test/refusal_rate", "benign": "test/over_refusal_rate"}[name]
