@@ -28,12 +28,7 @@ def atomic_save(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         # Renaming over /dev/null would replace the device with a file (as root) or fail after all the work.
         write(str(path))
         return path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise CastError(f"cannot write {path}: {error.strerror}; choose a writable output path") from error
-    os.close(fd)
+    tmp = _temp_beside(path, ".tmp", "output path")
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -64,14 +59,19 @@ def ensure_writable(path: str | os.PathLike, option: str = "output path", direct
         raise CastError(f"cannot write {path}: it is an existing file, not a directory; choose another {option}")
     if not directory and path.is_dir():
         raise CastError(f"cannot write {path}: it is an existing directory; give a file path as {option}")
+    os.unlink(_temp_beside(path, ".probe", option))
+    return path
+
+
+def _temp_beside(path: Path, suffix: str, option: str) -> str:
+    """An empty temporary file in ``path``'s directory (created if needed), or a CastError naming ``option``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as error:
         raise CastError(f"cannot write {path}: {error.strerror or error}; choose a writable {option}") from error
     os.close(fd)
-    os.unlink(tmp)
-    return path
+    return tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
