@@ -12,6 +12,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from cast_lightning.lightning_cli import PARSER_KWARGS, run_diagnose, run_lightning
+
 SUBCOMMANDS = {
     "fit": "fine-tune with the head mask (CAST) or without (full fine-tuning): LightningCLI",
     "validate": "validation loss of a model or checkpoint on the validation sets: LightningCLI",
@@ -25,9 +27,6 @@ SUBCOMMANDS = {
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
-# Argument errors raise (and main prints them as one line) instead of printing the usage wall and exiting;
-# abbreviations stay off so a typo such as --out is an error rather than a silent --output.
-PARSER_KWARGS = {"exit_on_error": False, "allow_abbrev": False}
 MAX_ERROR_CHARS = 600
 
 
@@ -37,108 +36,6 @@ def _print_help() -> None:
     print("high-conflict ones, evaluate and report.\n\nsubcommands:")
     for name, text in SUBCOMMANDS.items():
         print(f"  {name:<10}{text}")
-
-
-def _save_config_class():
-    from lightning.pytorch.cli import SaveConfigCallback
-
-    class SaveConfigWhenStarted(SaveConfigCallback):
-        """LightningCLI's config.yaml, written once the run has started (the checkpoint restored) instead of at
-        setup: a run that fails to start, e.g. on a damaged --ckpt_path last, leaves the previous config.yaml."""
-
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            self._stage = stage
-
-        def _save(self, trainer, pl_module) -> None:
-            super().setup(trainer, pl_module, self._stage)  # writes unless already saved; collective on every rank
-
-        def on_fit_start(self, trainer, pl_module) -> None:
-            self._save(trainer, pl_module)
-
-        def on_validation_start(self, trainer, pl_module) -> None:
-            self._save(trainer, pl_module)
-
-        def on_test_start(self, trainer, pl_module) -> None:
-            self._save(trainer, pl_module)
-
-    return SaveConfigWhenStarted
-
-
-def _cli_class():
-    from lightning.pytorch.cli import LightningCLI
-
-    class CASTCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # The data module tokenizes with the model's own tokenizer unless told otherwise.
-            parser.link_arguments("model.pretrained", "data.tokenizer")
-
-        def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads --ckpt_path's hyperparameters over the config here. Check the file first, so a
-            # truncated, pickled or foreign checkpoint is one line, not a traceback or a silent model switch.
-            self.checked_checkpoint = None
-            subcommand = self.config.get("subcommand")
-            if subcommand:
-                ckpt_path = self.config[subcommand].get("ckpt_path")
-                if ckpt_path and os.path.isfile(ckpt_path):
-                    from cast_lightning.module import check_resume_checkpoint
-
-                    pretrained = self.config[subcommand].model.get("pretrained")
-                    self.checked_checkpoint = check_resume_checkpoint(ckpt_path, pretrained)
-            super()._parse_ckpt_path()
-
-        def _before_run(self) -> None:
-            """Checks after the model is built and before the Trainer writes its config, logs or checkpoints."""
-            from cast_lightning.io import ensure_writable
-
-            root = str(self.trainer.default_root_dir)
-            if "://" not in root:  # remote roots (s3://...) are the logger's business
-                ensure_writable(Path(root) / "config.yaml", "--trainer.default_root_dir")
-            if self.checked_checkpoint is not None:
-                self.model.check_checkpoint_fits(self.checked_checkpoint)
-                self.checked_checkpoint = None  # memory-mapped: let the file go before training
-            # --ckpt_path last/best resolve inside the Trainer: check whatever file it picks before it is read.
-            strategy = self.trainer.strategy
-            load_checkpoint = strategy.load_checkpoint
-
-            def checked_load_checkpoint(checkpoint_path, *args, **kwargs):
-                if os.path.isfile(checkpoint_path):
-                    from cast_lightning.module import check_checkpoint_file
-
-                    check_checkpoint_file(str(checkpoint_path), "resume from an earlier checkpoint or drop --ckpt_path")
-                return load_checkpoint(checkpoint_path, *args, **kwargs)
-
-            strategy.load_checkpoint = checked_load_checkpoint
-
-        before_fit = before_validate = before_test = _before_run
-
-    return CASTCLI
-
-
-def _run_lightning(argv: list[str]) -> None:
-    from cast_lightning.data.datamodule import SafetyUtilityDataModule
-    from cast_lightning.module import CASTModule
-
-    _cli_class()(
-        CASTModule, SafetyUtilityDataModule, args=argv, save_config_callback=_save_config_class(),
-        save_config_kwargs={"overwrite": True}, parser_kwargs=PARSER_KWARGS,
-    )
-
-
-def _run_diagnose(argv: list[str]) -> None:
-    from cast_lightning.data.datamodule import SafetyUtilityDataModule
-    from cast_lightning.diagnosis import DiagnosisModule, run_diagnosis
-
-    cli = _cli_class()(
-        DiagnosisModule,
-        SafetyUtilityDataModule,
-        args=argv,
-        run=False,
-        # Gradients are taken inside predict: no inference mode, no checkpoints or loggers to write.
-        trainer_defaults={"inference_mode": False, "logger": False, "enable_checkpointing": False},
-        save_config_callback=None,
-        parser_kwargs=PARSER_KWARGS,
-    )
-    run_diagnosis(cli.model, cli.datamodule, cli.trainer)
 
 
 def _run_function(name: str, argv: list[str]) -> None:
@@ -221,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["datasets"].utils.logging.set_verbosity(logging.CRITICAL)
     try:
         if command in LIGHTNING_SUBCOMMANDS:
-            _run_lightning(argv)
+            run_lightning(argv)
         elif command == "diagnose":
-            _run_diagnose(rest)
+            run_diagnose(rest)
         else:
             _run_function(command, rest)
     except CastError as error:
