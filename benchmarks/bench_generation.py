@@ -1,6 +1,6 @@
 """Generated tokens/s: batched greedy generation (left padding, KV cache) vs one prompt at a time.
 
-Both runs use ``cast_lightning.evaluation.generate_greedy_tokens`` (the path ``cast eval`` takes) on the
+Both runs use ``cast_lightning.generation.generate_greedy_tokens`` (the path ``cast eval`` takes) on the
 same prompts (the embedded world's held-out harmful/benign/utility prompts); only ``batch_size``
 differs. Reports medians over ``--repeats`` timed runs after one warm-up, per model:
 
@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cast_lightning.data import world as world_lib  # noqa: E402
-from cast_lightning.evaluation import generate_greedy_tokens  # noqa: E402
+from cast_lightning.generation import generate_greedy_tokens  # noqa: E402
 from cast_lightning.io import atomic_write_json  # noqa: E402
+from cast_lightning.world import generator as world_lib  # noqa: E402
 
 
 def world_prompts(n: int) -> list[str]:
@@ -65,7 +65,7 @@ def random_llama(hidden: int, layers: int, seed: int = 0):
 
 
 def world_base(build: bool):
-    from cast_lightning.data import base_model
+    from cast_lightning.world import base_model
     from cast_lightning.loading import load_causal_lm, load_tokenizer
 
     cached = base_model.default_cache_dir() / f"world-base-{base_model.config_key()}"

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 TARGET = 1.03
 SKIP_FRACTION = 0.10
 
-# Shaped like cast_lightning.data.base_model.MODEL_CONFIG (used instead when that module imports).
+# Shaped like cast_lightning.world.base_model.MODEL_CONFIG (used instead when that module imports).
 SMALL_FALLBACK = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512, tie_word_embeddings=True)
 LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
@@ -70,8 +70,8 @@ SETTINGS = {"small": (8, 128, 3, 100, 45.0), "large": (2, 64, 1, 10, 90.0)}
 def small_model_source(tmp: Path) -> tuple[Path, str]:
     """The embedded world's base model when its cache is already built, else a random init of its shape."""
     try:
-        from cast_lightning.data import base_model
-        from cast_lightning.data import world as world_lib
+        from cast_lightning.world import base_model
+        from cast_lightning.world import generator as world_lib
     except ImportError:
         return save_random_model(tmp / "small", SMALL_FALLBACK), "random init (fallback config)"
     cached = base_model.default_cache_dir() / f"world-base-{base_model.config_key()}"

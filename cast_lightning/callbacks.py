@@ -11,6 +11,9 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from cast_lightning.errors import CastError
+from cast_lightning.eval_data import data_dir
+from cast_lightning.evaluation import read_prompts
+from cast_lightning.generation import generate_greedy
 from cast_lightning.metrics import RefusalRate, exact_match
 
 
@@ -64,8 +67,6 @@ class RefusalCallback(L.Callback):
         self.utility: list[tuple[str, str]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from cast_lightning.evaluation import data_dir, read_prompts
-
         if stage != "fit":
             return
         harmful = self.harmful_source or data_dir() / "harmful.jsonl"
@@ -102,8 +103,6 @@ class RefusalCallback(L.Callback):
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        from cast_lightning.evaluation import generate_greedy
-
         model, tokenizer = pl_module.model, pl_module.tokenizer
         extra = {"synced_gpus": True} if trainer.world_size > 1 else {}
         device = pl_module.device
@@ -134,3 +133,44 @@ def _spread(items: list, n: int) -> list:
     if len(items) <= n:
         return list(items)
     return [items[(i * len(items)) // n] for i in range(n)]
+
+
+class FinalCheckpoint(L.Callback):
+    """Save the trained model as ``<trainer.default_root_dir>/<filename>`` when training ends, atomically: the
+    checkpoint is written under a temporary name beside it and renamed over the old one, so a crash or ``kill -9``
+    leaves the previous file (or none), never half a checkpoint. Study runs are cached on this file.
+
+    Args:
+        filename: name of the checkpoint inside the run directory (a file, or a directory for sharded strategies).
+    """
+
+    def __init__(self, filename: str = "final.ckpt"):
+        super().__init__()
+        if not filename or "/" in filename or filename in (".", ".."):
+            raise CastError(f"FinalCheckpoint filename {filename!r} must be a plain file name, e.g. final.ckpt")
+        self.filename = filename
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+        import shutil
+
+        final = Path(trainer.default_root_dir) / self.filename
+        # One temporary name for every rank: saving is collective and rank 0 (or each shard writer) writes it.
+        tmp = Path(trainer.strategy.broadcast(str(final.with_name(f".{final.name}.tmp-{os.getpid()}"))))
+        trainer.save_checkpoint(tmp)
+        trainer.strategy.barrier("cast_final_checkpoint_written")
+        if trainer.is_global_zero:
+            if tmp.is_file():
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            if final.is_dir():  # a sharded checkpoint directory cannot be renamed over: move it aside first
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            directory = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power cut
+            finally:
+                os.close(directory)
+        trainer.strategy.barrier("cast_final_checkpoint_renamed")

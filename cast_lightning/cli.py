@@ -1,31 +1,72 @@
-"""``cast``: the command line. fit/validate/test through LightningCLI; diagnose through LightningCLI with the
-DiagnosisModule; eval/report/export/demo as typed functions whose docstrings are their help.
+"""``cast``: the command line. Every subcommand is one entry of ``COMMANDS``: its help line and how it runs, a
+LightningCLI runner (fit/validate/test, diagnose) or a typed function run by jsonargparse's ``CLI``, whose docstring
+is its help (eval, export, report, demo). Each target is imported only when its subcommand runs.
 
 Errors meant for users (``CastError``, bad arguments) print one line and exit 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import traceback
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from cast_lightning.lightning_cli import PARSER_KWARGS, run_diagnose, run_lightning
 
-SUBCOMMANDS = {
-    "fit": "fine-tune with the head mask (CAST) or without (full fine-tuning): LightningCLI",
-    "validate": "validation loss of a model or checkpoint on the validation sets: LightningCLI",
-    "test": "refusal and over-refusal rates of a model or checkpoint: LightningCLI",
-    "diagnose": "per-head conflict map (conflict_map.json + .png) of a base model: LightningCLI",
-    "eval": "lm-eval utility tasks + refusal safety suites on a checkpoint or HF directory -> results JSON",
-    "report": "variants x seeds -> safety-utility report (md, html, json, plots)",
-    "export": "a cast fit checkpoint -> a Hugging Face save_pretrained directory",
-    "demo": "the whole pipeline on the embedded world, offline, in minutes",
+def _lightning_run(name: str, target: Callable, rest: list[str]) -> None:
+    """``run_lightning(argv)``: LightningCLI's own subcommands take the whole command line."""
+    target([name, *rest])
+
+
+def _rest_run(name: str, target: Callable, rest: list[str]) -> None:
+    """``run_diagnose(argv)``: a LightningCLI without subcommands takes the arguments after the name."""
+    target(rest)
+
+
+def _function_run(name: str, target: Callable, rest: list[str]) -> None:
+    """A typed function: jsonargparse builds the parser from its signature and docstring."""
+    from jsonargparse import CLI
+
+    from cast_lightning.lightning_cli import PARSER_KWARGS
+
+    CLI(target, args=_bare_flags_to_true(target, rest), prog=f"cast {name}", **PARSER_KWARGS)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``cast`` subcommand: its help line, the ``module:attribute`` it runs (imported when it runs) and how."""
+
+    help: str
+    target: str
+    run: Callable[[str, Callable, list[str]], None] = _function_run
+
+    def resolve(self) -> Callable:
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command("fine-tune with the head mask (CAST) or without (full fine-tuning): LightningCLI",
+                   "cast_lightning.lightning_cli:run_lightning", _lightning_run),
+    "validate": Command("validation loss of a model or checkpoint on the validation sets: LightningCLI",
+                        "cast_lightning.lightning_cli:run_lightning", _lightning_run),
+    "test": Command("refusal and over-refusal rates of a model or checkpoint: LightningCLI",
+                    "cast_lightning.lightning_cli:run_lightning", _lightning_run),
+    "diagnose": Command("per-head conflict map (conflict_map.json + .png) of a base model: LightningCLI",
+                        "cast_lightning.lightning_cli:run_diagnose", _rest_run),
+    "eval": Command("lm-eval utility tasks + refusal safety suites on a checkpoint or HF directory -> results JSON",
+                    "cast_lightning.evaluation:evaluate"),
+    "report": Command("variants x seeds -> safety-utility report (md, html, json, plots)",
+                      "cast_lightning.study.commands:report"),
+    "export": Command("a cast fit checkpoint -> a Hugging Face save_pretrained directory", "cast_lightning.export:export"),
+    "demo": Command("the whole pipeline on the embedded world, offline, in minutes", "cast_lightning.study.commands:demo"),
 }
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+# name -> help line, e.g. for listing the subcommands
+SUBCOMMANDS = {name: command.help for name, command in COMMANDS.items()}
 
 MAX_ERROR_CHARS = 600
 
@@ -36,20 +77,6 @@ def _print_help() -> None:
     print("high-conflict ones, evaluate and report.\n\nsubcommands:")
     for name, text in SUBCOMMANDS.items():
         print(f"  {name:<10}{text}")
-
-
-def _run_function(name: str, argv: list[str]) -> None:
-    from jsonargparse import CLI
-
-    if name == "export":
-        from cast_lightning.export import export as function
-    elif name == "eval":
-        from cast_lightning.evaluation import evaluate as function
-    elif name == "report":
-        from cast_lightning.report import report as function
-    else:
-        from cast_lightning.demo import demo as function
-    CLI(function, args=_bare_flags_to_true(function, argv), prog=f"cast {name}", **PARSER_KWARGS)
 
 
 def _bare_flags_to_true(function, argv: list[str]) -> list[str]:
@@ -100,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_help()
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
-        print(f"cast: error: unknown subcommand {command!r}: use one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+    if command not in COMMANDS:
+        print(f"cast: error: unknown subcommand {command!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     from argparse import ArgumentError
 
@@ -117,12 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         if "datasets" in sys.modules:
             sys.modules["datasets"].utils.logging.set_verbosity(logging.CRITICAL)
     try:
-        if command in LIGHTNING_SUBCOMMANDS:
-            run_lightning(argv)
-        elif command == "diagnose":
-            run_diagnose(rest)
-        else:
-            _run_function(command, rest)
+        entry = COMMANDS[command]
+        entry.run(command, entry.resolve(), rest)
     except CastError as error:
         if debug:
             traceback.print_exc()

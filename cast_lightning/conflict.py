@@ -1,7 +1,7 @@
 """ConflictMap: per-head conflict scores, head selection, JSON I/O and the heatmap.
 
 Everything here is pure arithmetic on small ``layers x heads`` arrays; gathering the statistics from
-a model is ``diagnosis.py``'s job. The formulation (DESIGN.md section 5):
+a model is ``diagnosis.py``'s job. The formulation:
 
 * **Optimization Conflict** of head h, over the vector of head h's gradient slices:
   ``cosine`` (default) ``OC = -cos(G_s, G_u)`` in [-1, 1]; ``projection`` ``OC = -<G_s, G_u> / ||G_u||``.

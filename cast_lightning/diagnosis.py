@@ -6,7 +6,7 @@ Two entry points share one engine (``HeadStatistics``):
   ``--trainer.*`` switch works; ``run_diagnosis`` is the call the CLI makes);
 * ``diagnose(hf_model, safety_loader, utility_loader, **options)``, plain PyTorch, for tests and scripts.
 
-What is measured (DESIGN.md section 5; every choice is recorded in the map's ``options``):
+What is measured (every choice is recorded in the map's ``options``):
 
 * Loss of a batch = SUM over its samples of ``per_sample_loss`` (each sample's mean response-token
   cross-entropy). ``G_s``/``G_u`` are therefore sums of per-sample gradients: independent of the batch

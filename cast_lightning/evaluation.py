@@ -5,11 +5,10 @@
   judged by ``cast_lightning.metrics.is_refusal`` or a ``RefusalJudge``.
 - Utility: lm-eval's ``simple_evaluate`` on the in-memory model (``HFLM(pretrained=model)``), with
   the embedded world's tasks from ``eval/tasks`` (shipped in the wheel as
-  ``cast_lightning.eval_tasks``) and any lm-eval task (mmlu, gsm8k, ...).
+  ``cast_lightning.eval_tasks``; ``cast_lightning.eval_data`` finds them) and any lm-eval task (mmlu, gsm8k, ...).
 
-The safety suites are also the lm-eval tasks ``cast_refusal`` / ``cast_over_refusal``. Generation here
-matches lm-eval's HF backend token for token (same chat-templated prompt ids, same length-sorted
-batches, same greedy decoding and EOS handling), so ``cast eval`` and
+The safety suites are also the lm-eval tasks ``cast_refusal`` / ``cast_over_refusal``. Generation
+(``cast_lightning.generation``) matches lm-eval's HF backend token for token, so ``cast eval`` and
 ``lm_eval --model hf --include_path <eval/tasks> --tasks cast_safety --apply_chat_template`` report
 the same numbers when run with the same batch size.
 """
@@ -22,14 +21,24 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from cast_lightning.checkpoints import (
+    SKIP_HEADS_KEY,
+    checkpoint_files,
+    is_lightning_checkpoint,
+    load_checkpoint_model,
+)
 from cast_lightning.errors import CastError
-from cast_lightning.io import atomic_write_json, atomic_write_text
+from cast_lightning.eval_data import data_dir, read_prompt_file, task_version, tasks_dir
+from cast_lightning.export import MARKER as EXPORT_MARKER
+from cast_lightning.generation import generate_greedy_tokens
+from cast_lightning.io import atomic_write_json, atomic_write_text, ensure_writable
+from cast_lightning.loading import load_model_and_tokenizer
 from cast_lightning.metrics import RefusalJudge, detect
+from cast_lightning.provenance import versions
 
 SCHEMA_VERSION = 1
 SUITES = ("utility", "safety", "all")
@@ -38,186 +47,22 @@ SAFETY_TASK_FILES = {"cast_refusal": "harmful.jsonl", "cast_over_refusal": "beni
 HASH_LIMIT_BYTES = 2 << 30  # fingerprint files up to 2 GiB; larger ones are identified by size + mtime
 
 
-# --- where the task suites and prompt sets live ---------------------------------------------------------------------
-
-
-def eval_package_dir() -> Path:
-    """The evaluation package: ``cast_lightning.eval_tasks`` when installed, else the checkout's ``eval/``."""
-    try:
-        root = Path(str(resources.files("cast_lightning.eval_tasks")))
-        if (root / "tasks").is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    root = Path(__file__).resolve().parents[1] / "eval"
-    if not (root / "tasks").is_dir():
-        raise CastError("cannot find the evaluation task suites (eval/tasks): reinstall cast-lightning")
-    return root
-
-
-def tasks_dir() -> Path:
-    """The lm-eval task folder to pass as ``include_path`` (``lm_eval --include_path`` takes the same)."""
-    return eval_package_dir() / "tasks"
-
-
-def data_dir(override: str | os.PathLike | None = None) -> Path:
-    """The prompt sets: ``override``, else ``$CAST_EVAL_DATA_DIR``, else the package's ``data/`` (as the tasks do)."""
-    chosen = override or os.environ.get("CAST_EVAL_DATA_DIR")
-    return Path(chosen) if chosen else eval_package_dir() / "data"
+# --- prompt sets --------------------------------------------------------------------------------------------------
 
 
 def read_prompts(source: str | os.PathLike) -> list[dict]:
-    """Prompt rows (each with a non-empty ``prompt``) from a local JSONL file, or any source
-    ``SafetyUtilityDataModule`` reads (JSON/Parquet/CSV, a dataset directory, ``hub/name@split``)."""
+    """Prompt rows (each with a non-empty ``prompt``) from a local JSONL file (``eval_data.read_prompt_file``), or any
+    source ``SafetyUtilityDataModule`` reads (JSON/Parquet/CSV, a dataset directory, ``hub/name@split``)."""
     source = str(source)
-    if not source.endswith(".jsonl"):
-        from cast_lightning.data.datamodule import load_rows
+    if source.endswith(".jsonl"):
+        return read_prompt_file(source)
+    from cast_lightning.data.datamodule import load_rows
 
-        rows = load_rows(source)
-        bad = [i for i, r in enumerate(rows, 1) if not str(r.get("prompt") or "").strip()]
-        if not rows or bad:
-            raise CastError(f"{source}: {'no rows' if not rows else f'row {bad[0]} has no prompt'}; every row needs a 'prompt' field")
-        return rows
-    path = Path(source)
-    if not path.is_file():
-        raise CastError(
-            f"prompt set {path} is missing: write the embedded world's sets with "
-            f"`python -m cast_lightning.data.world --eval-sets {path.parent}` or give --harmful/--benign files"
-        )
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CastError(f"{path}:{number} is not valid JSON ({error.msg}): fix or remove the line") from error
-            if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
-                raise CastError(f"{path}:{number} has no non-empty 'prompt' field")
-            rows.append(row)
-    if not rows:
-        raise CastError(f"prompt set {path} is empty")
+    rows = load_rows(source)
+    bad = [i for i, r in enumerate(rows, 1) if not str(r.get("prompt") or "").strip()]
+    if not rows or bad:
+        raise CastError(f"{source}: {'no rows' if not rows else f'row {bad[0]} has no prompt'}; every row needs a 'prompt' field")
     return rows
-
-
-def _read_task_yaml(path: Path) -> dict:
-    """A task YAML with its ``include`` merged in; ``!function`` tags are kept as plain strings."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    config = yaml.load(path.read_text(), Loader=Loader) or {}
-    if "include" in config:
-        config = {**_read_task_yaml(path.parent / config.pop("include")), **config}
-    return config
-
-
-def task_version(task: str) -> float | None:
-    """The ``metadata.version`` of one of our lm-eval tasks (``cast_refusal``, ``cast_world_add``, ...)."""
-    for path in sorted(tasks_dir().glob("*/*.yaml")):
-        config = _read_task_yaml(path)
-        if config.get("task") == task:
-            return (config.get("metadata") or {}).get("version")
-    return None
-
-
-# --- generation ---------------------------------------------------------------------------------------------------
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise CastError("the model has no EOS token (generation_config.eos_token_id / tokenizer.eos_token): set one")
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-@torch.no_grad()
-def generate_greedy_tokens(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
-    **generate_kwargs,
-) -> list[list[int]]:
-    """The generated token ids (up to, not including, EOS) for each prompt, in the order given.
-
-    See ``generate_greedy`` for how prompts are batched and decoded.
-    """
-    from cast_lightning.data.formatting import prompt_ids
-
-    prompts = list(prompts)
-    if not prompts:
-        return []
-    if batch_size < 1 or max_new_tokens < 1:
-        raise CastError("batch_size and max_new_tokens must be >= 1")
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    # Longest first, ties by rendered text: lm-eval's HF backend batches generate_until requests this way,
-    # so with the same batch size both see identical batches (identical padding, identical numerics).
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), rendered[i]))
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outputs: list[list[int]] = [[] for _ in prompts]
-    try:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            length = max(len(encoded[i]) for i in index)
-            input_ids = torch.full((len(index), length), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(index), length), dtype=torch.long)
-            for row, i in enumerate(index):
-                ids = encoded[i]
-                input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, length - len(ids) :] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                **generate_kwargs,
-            )
-            for row, i in enumerate(index):
-                tokens = generated[row, length:].tolist()
-                stop = next((position for position, token in enumerate(tokens) if token in eos), len(tokens))
-                outputs[i] = tokens[:stop]
-    finally:
-        model.train(was_training)
-    return outputs
-
-
-def generate_greedy(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
-    **generate_kwargs,
-) -> list[str]:
-    """Greedy responses to chat-formatted prompts, in the order given.
-
-    Prompts go through the tokenizer's chat template (``prompt_ids``), are sorted longest first
-    (ties by rendered text, as lm-eval does) and generated ``batch_size`` at a time with left padding,
-    the KV cache, ``do_sample=False`` and stopping at the model's EOS token(s)
-    (``generation_config.eos_token_id``, else the tokenizer's). Special tokens are dropped when
-    decoding. Extra keyword arguments go to ``model.generate`` (e.g. ``synced_gpus=True``).
-    """
-    tokens = generate_greedy_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs)
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
@@ -243,16 +88,15 @@ def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, 
     """(model, tokenizer, identity) from a ``cast fit`` checkpoint (a ``.ckpt`` file, or the checkpoint directory
     FSDP2 or DeepSpeed writes), an HF directory or a hub name.
 
-    Checkpoints go through ``loading.load_checkpoint_model``, the loader ``cast export`` uses: read without
-    executing code, the base model named in ``hyper_parameters["pretrained"]`` (in the checkpoint's dtype) with
-    the trained weights. ``identity`` records what was evaluated (path, kind, base model, step, skipped heads, a
-    sha256 of the weights up to 2 GiB).
+    Checkpoints go through ``checkpoints.load_checkpoint_model``, the loader ``cast export`` uses: checked and read
+    without executing code, the base model named in ``hyper_parameters["pretrained"]`` (in the checkpoint's dtype)
+    with the trained weights. A ``.ckpt`` path that does not exist is named as such, not looked up on the hub.
+    ``identity`` records what was evaluated (path, kind, base model, step, skipped heads, a sha256 of the weights up
+    to 2 GiB).
     """
-    from cast_lightning.loading import checkpoint_files, is_lightning_checkpoint, load_checkpoint_model, load_model_and_tokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolved = os.path.abspath(path) if os.path.exists(path) else path
-    if os.path.exists(path) and is_lightning_checkpoint(path):
+    if is_lightning_checkpoint(path) or (path.endswith(".ckpt") and not os.path.exists(path)):
         model, tokenizer, checkpoint = load_checkpoint_model(path)
         identity = {
             "kind": "lightning_checkpoint",
@@ -260,7 +104,7 @@ def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, 
             "pretrained": checkpoint["hyper_parameters"]["pretrained"],
             "global_step": checkpoint.get("global_step"),
             "epoch": checkpoint.get("epoch"),
-            "skip_heads": checkpoint.get("cast_skip_heads", []),
+            "skip_heads": checkpoint.get(SKIP_HEADS_KEY, []),
             "fingerprint": _fingerprint([Path(f) for f in checkpoint_files(path)]),
         }
     elif os.path.isdir(path):
@@ -268,7 +112,7 @@ def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, 
             raise CastError(f"{path} is neither a Lightning checkpoint nor an HF model directory (no config.json)")
         model, tokenizer = load_model_and_tokenizer(path, dtype, trust_remote_code=trust_remote_code)
         weights = [p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin")]
-        skip_file = Path(path) / "cast_skip_heads.json"
+        skip_file = Path(path) / EXPORT_MARKER
         identity = {
             "kind": "hf_directory",
             "path": resolved,
@@ -420,23 +264,21 @@ def run_utility_suite(
     for chat, names in runs:
         if not names:
             continue
-        try:
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=names,
-                task_manager=manager,
-                num_fewshot=num_fewshot,
-                limit=limit,
-                apply_chat_template=chat,
-                log_samples=False,
-                bootstrap_iters=1000,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-        except FileNotFoundError as error:  # a cast_* prompt set is missing (raised inside lm-eval by the task's utils.py)
-            raise CastError(str(error).splitlines()[0]) from error
+        # A missing cast_* prompt set raises CastError inside lm-eval (the task's utils.py reads it via eval_data).
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            apply_chat_template=chat,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
         for task, values in results["results"].items():
             out["apply_chat_template"][task] = chat
             for key, value in values.items():
@@ -514,8 +356,6 @@ def evaluate(
     if limit is not None and limit < 1:
         raise CastError("--limit must be >= 1")
     # Before loading the model and generating: a bad output path must not cost a finished evaluation.
-    from cast_lightning.io import ensure_writable
-
     ensure_writable(output, "--output")
     if samples is not None:
         ensure_writable(samples, "--samples")
@@ -523,13 +363,7 @@ def evaluate(
         for prompts in (harmful, benign):
             if prompts is not None:
                 read_prompts(prompts)  # a missing or broken prompt file fails now, not after the model loads
-    if model.endswith(".ckpt"):  # a missing or damaged checkpoint is named as such, before any work
-        from cast_lightning.module import check_checkpoint_file
-
-        if not os.path.exists(model):
-            raise CastError(f"checkpoint {model} does not exist: give the .ckpt written by cast fit")
-        if os.path.isfile(model):
-            check_checkpoint_file(model, "give a .ckpt written by cast fit")
+    # load_for_eval checks a checkpoint (missing, damaged, pickled, not from cast fit) before loading any model.
     started = time.perf_counter()
     torch.manual_seed(seed)
     model_obj, tokenizer, identity = load_for_eval(model, dtype=dtype, device=device)
@@ -590,13 +424,5 @@ def evaluate(
 
 
 def _environment(model) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("cast-lightning", "torch", "transformers", "lm_eval", "lightning"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    versions["device"] = str(next(model.parameters()).device)
-    return versions
+    """The package versions (``provenance.versions``) and the device the model ran on."""
+    return {**versions(), "device": str(next(model.parameters()).device)}

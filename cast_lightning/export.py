@@ -7,9 +7,9 @@ import os
 import shutil
 import tempfile
 
+from cast_lightning.checkpoints import SKIP_HEADS_KEY, load_checkpoint_model
 from cast_lightning.errors import CastError
 from cast_lightning.io import ensure_writable
-from cast_lightning.loading import load_checkpoint_model
 
 # Written into every export: it marks a directory export() may replace (and records the frozen heads).
 MARKER = "cast_skip_heads.json"
@@ -45,10 +45,7 @@ def export(*, ckpt_path: str, output_dir: str, safe_serialization: bool = True) 
     """
     output_dir = os.path.abspath(output_dir)
     _check_output_dir(output_dir)
-    if os.path.isfile(ckpt_path):
-        from cast_lightning.module import check_checkpoint_file
-
-        check_checkpoint_file(ckpt_path, "give a .ckpt written by cast fit")
+    # The checkpoint is checked (damaged, pickled, not from cast fit, another model) before anything is written.
     model, tokenizer, checkpoint = load_checkpoint_model(ckpt_path)
     parent, name = os.path.dirname(output_dir), os.path.basename(output_dir)
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".staging", dir=parent)
@@ -56,7 +53,7 @@ def export(*, ckpt_path: str, output_dir: str, safe_serialization: bool = True) 
     try:
         model.save_pretrained(staging, safe_serialization=safe_serialization)
         tokenizer.save_pretrained(staging)
-        skip = checkpoint.get("cast_skip_heads", [])
+        skip = checkpoint.get(SKIP_HEADS_KEY, [])
         with open(os.path.join(staging, MARKER), "w") as handle:
             handle.write(json.dumps({"skip_heads": skip}) + "\n")
         _fsync_tree(staging)

@@ -65,7 +65,7 @@ def cli_class():
             if subcommand:
                 ckpt_path = self.config[subcommand].get("ckpt_path")
                 if ckpt_path and os.path.isfile(ckpt_path):
-                    from cast_lightning.module import check_resume_checkpoint
+                    from cast_lightning.checkpoints import check_resume_checkpoint
 
                     pretrained = self.config[subcommand].model.get("pretrained")
                     self.checked_checkpoint = check_resume_checkpoint(ckpt_path, pretrained)
@@ -87,7 +87,7 @@ def cli_class():
 
             def checked_load_checkpoint(checkpoint_path, *args, **kwargs):
                 if os.path.isfile(checkpoint_path):
-                    from cast_lightning.module import check_checkpoint_file
+                    from cast_lightning.checkpoints import check_checkpoint_file
 
                     check_checkpoint_file(str(checkpoint_path), "resume from an earlier checkpoint or drop --ckpt_path")
                 return load_checkpoint(checkpoint_path, *args, **kwargs)
@@ -100,6 +100,8 @@ def cli_class():
 
 
 def run_lightning(argv: list[str]) -> None:
+    """``cast fit|validate|test ARGV``: LightningCLI with CASTModule and the data module (``argv`` starts with the
+    subcommand)."""
     from cast_lightning.data.datamodule import SafetyUtilityDataModule
     from cast_lightning.module import CASTModule
 
@@ -110,17 +112,23 @@ def run_lightning(argv: list[str]) -> None:
 
 
 def run_diagnose(argv: list[str]) -> None:
+    """``cast diagnose ARGV``: the conflict map of ``--model.pretrained`` (``argv`` without the subcommand)."""
     from cast_lightning.data.datamodule import SafetyUtilityDataModule
-    from cast_lightning.diagnosis import DiagnosisModule, run_diagnosis
+    from cast_lightning.diagnosis import DIAGNOSIS_TRAINER_DEFAULTS, DiagnosisModule, run_diagnosis
 
     cli = cli_class()(
         DiagnosisModule,
         SafetyUtilityDataModule,
         args=argv,
         run=False,
-        # Gradients are taken inside predict: no inference mode, no checkpoints or loggers to write.
-        trainer_defaults={"inference_mode": False, "logger": False, "enable_checkpointing": False},
+        trainer_defaults=DIAGNOSIS_TRAINER_DEFAULTS,
         save_config_callback=None,
         parser_kwargs=PARSER_KWARGS,
     )
     run_diagnosis(cli.model, cli.datamodule, cli.trainer)
+    root = str(cli.trainer.default_root_dir)
+    if cli.trainer.is_global_zero and "://" not in root:
+        from cast_lightning.io import atomic_write_text
+
+        # Beside the map: the resolved config that repeats this diagnosis (cast diagnose --config <it>).
+        atomic_write_text(Path(root) / "config.yaml", cli.parser.dump(cli.config, skip_none=False))

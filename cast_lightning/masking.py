@@ -55,7 +55,10 @@ def _local(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         for mesh_dim, placement in enumerate(tensor.placements):
             if isinstance(placement, Shard):
                 if placement.dim != 0:
-                    raise NotImplementedError(f"head masking supports dim-0 sharding only, got Shard({placement.dim})")
+                    raise CastError(
+                        f"head masking supports dim-0 sharding only, got Shard({placement.dim}): shard the weights along "
+                        f"their first dimension (configs/strategy/fsdp2.yaml does)"
+                    )
                 # torch.chunk semantics: every rank but the last holds ceil(n / world) rows.
                 world = tensor.device_mesh.size(mesh_dim)
                 rank = tensor.device_mesh.get_coordinate()[mesh_dim]

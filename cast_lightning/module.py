@@ -6,18 +6,18 @@ The loss is separate from the masking, so other objectives can replace ``trainin
 
 from __future__ import annotations
 
-import math
-import os
-import pickle
 import warnings
 
 import lightning as L
 import torch
 
+from cast_lightning.checkpoints import SKIP_HEADS_KEY
 from cast_lightning.errors import CastError
+from cast_lightning.generation import generate_greedy
 from cast_lightning.heads import KV_POLICIES, HeadLayout
 from cast_lightning.loading import load_causal_lm, load_tokenizer
 from cast_lightning.masking import HeadMask, original_shapes
+from cast_lightning.schedule import warmup_cosine
 from cast_lightning.strategies import (
     DEEPSPEED,
     DENSE,
@@ -33,8 +33,6 @@ from cast_lightning.strategies import (
 # configure_gradient_clipping is overridden only to clip under FSDP1; under DeepSpeed it defers to the engine's
 # own clipping (trainer.gradient_clip_val goes into the DeepSpeed config), so Lightning's warning does not apply.
 warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
-
-CHECKPOINT_KEY = "cast_skip_heads"
 
 
 def resolve_skip_heads(
@@ -57,61 +55,6 @@ def resolve_skip_heads(
         layout.check_head(layer, head)
         heads.append((layer, head))
     return sorted(set(heads))
-
-
-def _same_model(a: str, b: str) -> bool:
-    if str(a) == str(b):
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
-
-
-def _load_weights_only(ckpt_path: str) -> dict:
-    try:
-        # mmap: the tensors are not read, so checking a many-GB checkpoint before the real load costs little.
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap can only be used" not in str(error):  # a legacy (non-zip) torch.save file: read it whole
-            raise
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True)
-
-
-def check_checkpoint_file(ckpt_path: str, fix: str) -> dict:
-    """A ``cast fit`` checkpoint file read as Lightning and ``loading.read_checkpoint`` will read it, first and
-    cheaply (tensors memory-mapped), so a bad file is one line naming ``fix`` instead of a traceback.
-
-    Refused: a file ``torch.load(weights_only=True)`` cannot read because it holds pickled objects (they are
-    never unpickled, so no code in a checkpoint runs), a truncated or corrupt one (an interrupted save), and
-    one that is not a CASTModule checkpoint.
-    """
-    try:
-        checkpoint = _load_weights_only(ckpt_path)
-    except pickle.UnpicklingError as error:
-        raise CastError(
-            f"refused checkpoint {ckpt_path}: it holds pickled objects, and checkpoints are read with weights_only=True "
-            f"so that no code in them runs; {fix}"
-        ) from error
-    except Exception as error:
-        raise CastError(
-            f"cannot read checkpoint {ckpt_path} ({error.__class__.__name__}): it is truncated or corrupt, "
-            f"e.g. left by an interrupted save; {fix}"
-        ) from error
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "pretrained" not in hparams or "state_dict" not in checkpoint:
-        raise CastError(f"{ckpt_path} is not a cast fit checkpoint (no state_dict / hyper_parameters.pretrained); {fix}")
-    return checkpoint
-
-
-def check_resume_checkpoint(ckpt_path: str, pretrained: str | None = None) -> dict:
-    """``--ckpt_path`` of ``cast fit/validate/test``: ``check_checkpoint_file``, and the checkpoint must come from
-    ``--model.pretrained`` (LightningCLI would otherwise silently switch to the checkpoint's model)."""
-    checkpoint = check_checkpoint_file(ckpt_path, "resume from an earlier checkpoint or drop --ckpt_path")
-    saved = str(checkpoint["hyper_parameters"]["pretrained"])
-    if pretrained is not None and not _same_model(saved, str(pretrained)):
-        raise CastError(
-            f"checkpoint {ckpt_path} was trained from {saved}, not --model.pretrained {pretrained}: "
-            f"resume with --model.pretrained {saved}, or drop --ckpt_path to start a new run"
-        )
-    return checkpoint
 
 
 class CASTModule(L.LightningModule):
@@ -141,7 +84,7 @@ class CASTModule(L.LightningModule):
                 ``any`` of them, or ``never``.
             learning_rate: AdamW peak learning rate.
             weight_decay: AdamW decoupled weight decay (frozen slices stay bit-identical regardless).
-            warmup_steps: linear warmup steps before the cosine decay.
+            warmup_steps: linear warmup steps before the cosine decay (``cast_lightning.schedule``).
             min_lr_ratio: the cosine schedule decays to ``learning_rate * min_lr_ratio``.
             dtype: weight dtype: float32, bfloat16 or float16 (use the Trainer's precision for mixed precision).
             attn_implementation: transformers attention implementation (eager, sdpa, flash_attention_2); default: the model's.
@@ -216,7 +159,7 @@ class CASTModule(L.LightningModule):
                 self.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = [list(head) for head in self.skip_heads]
+        checkpoint[SKIP_HEADS_KEY] = [list(head) for head in self.skip_heads]
 
     def check_checkpoint_fits(self, checkpoint: dict) -> None:
         """The checkpoint's weights must fit this model: Lightning's strict load would fail too, but with a
@@ -239,9 +182,9 @@ class CASTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint_fits(checkpoint)
-        if CHECKPOINT_KEY not in checkpoint:
+        if SKIP_HEADS_KEY not in checkpoint:
             return
-        saved = sorted((int(layer), int(head)) for layer, head in checkpoint[CHECKPOINT_KEY])
+        saved = sorted((int(layer), int(head)) for layer, head in checkpoint[SKIP_HEADS_KEY])
         configured = self.hparams.conflict_map is not None or self.hparams.skip_heads is not None
         if configured and saved != self.skip_heads:
             raise CastError(
@@ -279,8 +222,6 @@ class CASTModule(L.LightningModule):
         self.refusal_rates = torch.nn.ModuleDict({name: RefusalRate() for name in names}).to(self.device)
 
     def test_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0) -> None:
-        from cast_lightning.evaluation import generate_greedy
-
         name = list(self.refusal_rates)[dataloader_idx]
         # Sharded weights: every rank generates until all are done (synced_gpus), else the ranks deadlock.
         with generation_setup(self.trainer.strategy, self.model, self.trainer.world_size) as generate_kwargs:
@@ -311,13 +252,5 @@ class CASTModule(L.LightningModule):
             lr=self.hparams.learning_rate,
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine(optimizer, total, self.hparams.warmup_steps, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -81,3 +81,14 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+MINI_WORLD = {"scale": 0.05, "train_config": {"steps": 10}}  # the embedded world in miniature: seconds to build
+
+
+@pytest.fixture(scope="session")
+def mini_world(tmp_path_factory) -> Path:
+    """The embedded world's base model and data, built by the world's own code at 5% scale with 10 steps."""
+    from cast_lightning.world.base_model import ensure_base_model
+
+    return ensure_base_model(cache_dir=tmp_path_factory.mktemp("world_cache"), quiet=True, **MINI_WORLD)

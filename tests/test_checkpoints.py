@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from cast_lightning.errors import CastError
-from cast_lightning.loading import (
+from cast_lightning.checkpoints import (
     CKPT_DEEPSPEED,
     CKPT_DISTRIBUTED,
     CKPT_FILE,
@@ -321,7 +321,7 @@ def test_checkpoint_kinds_and_what_is_not_a_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_named(trained, tiny_llama_dir, tmp_path):
-    from cast_lightning.loading import load_checkpoint_model
+    from cast_lightning.checkpoints import load_checkpoint_model
 
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {**trained, "model.lm_head.weight": torch.zeros(3, 32)}, **client_state(tiny_llama_dir)}, path)

@@ -112,8 +112,10 @@ def test_fit_works_for_other_architectures(architecture, tiny_data, tmp_path):
 
 def test_bare_bool_flag_means_true():
     from cast_lightning.cli import _bare_flags_to_true
-    from cast_lightning.demo import demo
 
-    assert _bare_flags_to_true(demo, ["--full"]) == ["--full", "true"]
-    assert _bare_flags_to_true(demo, ["--full", "--seeds", "[0]"]) == ["--full", "true", "--seeds", "[0]"]
-    assert _bare_flags_to_true(demo, ["--full", "false"]) == ["--full", "false"]
+    def command(*, full: bool = False, seeds: list[int] | None = None) -> None:
+        """A typed subcommand with one bool option."""
+
+    assert _bare_flags_to_true(command, ["--full"]) == ["--full", "true"]
+    assert _bare_flags_to_true(command, ["--full", "--seeds", "[0]"]) == ["--full", "true", "--seeds", "[0]"]
+    assert _bare_flags_to_true(command, ["--full", "false"]) == ["--full", "false"]

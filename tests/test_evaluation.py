@@ -123,7 +123,8 @@ def data_env(eval_pkg, monkeypatch) -> Path:
 
 
 def test_generate_greedy_batched_equals_one_at_a_time(models):
-    from cast_lightning.evaluation import generate_greedy, load_for_eval
+    from cast_lightning.evaluation import load_for_eval
+    from cast_lightning.generation import generate_greedy
 
     model, tokenizer, _ = load_for_eval(str(models["aligned"]))
     prompts = [_harmful(41), _benign(3), "add 5 and 8", _harmful(7) + " now please, quickly", "x"]
@@ -136,7 +137,8 @@ def test_generate_greedy_batched_equals_one_at_a_time(models):
 
 
 def test_generate_greedy_restores_training_mode_and_honours_max_new_tokens(models):
-    from cast_lightning.evaluation import generate_greedy, load_for_eval
+    from cast_lightning.evaluation import load_for_eval
+    from cast_lightning.generation import generate_greedy
 
     model, tokenizer, _ = load_for_eval(str(models["base"]))
     model.train()
@@ -152,7 +154,8 @@ def test_load_for_eval_reads_a_lightning_checkpoint(models, tmp_path):
     """A CASTModule-style checkpoint: base model name in hyper_parameters, trained weights under model.*"""
     from transformers import AutoModelForCausalLM
 
-    from cast_lightning.evaluation import generate_greedy, load_for_eval
+    from cast_lightning.evaluation import load_for_eval
+    from cast_lightning.generation import generate_greedy
 
     aligned = AutoModelForCausalLM.from_pretrained(models["aligned"])
     checkpoint = {
@@ -218,23 +221,54 @@ def test_safety_suite_limit_samples_and_bad_files(models, data_env, tmp_path):
 
 
 def test_task_files_find_their_data_relative_to_themselves(eval_pkg, monkeypatch):
+    """A copied tasks/ folder reads the data/ beside it (not the package's), through cast_lightning.eval_data."""
     import importlib.util
 
     monkeypatch.delenv("CAST_EVAL_DATA_DIR", raising=False)
+    modules = {}
     for folder in ("cast_world", "cast_safety"):
         spec = importlib.util.spec_from_file_location(f"utils_{folder}", eval_pkg / "tasks" / folder / "utils.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert module.data_dir() == eval_pkg / "data"
-    assert len(module.load_prompts("harmful.jsonl")["test"]) == 20
-    with pytest.raises(FileNotFoundError, match="--eval-sets"):
-        module.load_prompts("missing.jsonl")
+        modules[folder] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[folder])
+        assert modules[folder].PACKAGE == eval_pkg
+    assert len(modules["cast_world"].load_skill("add")["test"]) == 12
+    assert len(modules["cast_safety"].load_prompts("harmful.jsonl")["test"]) == 20
+    with pytest.raises(CastError, match="missing.jsonl is missing: write the embedded world's eval sets .*write_eval_sets"):
+        modules["cast_safety"].load_prompts("missing.jsonl")
+
+
+def test_eval_data_lookup_order_and_prompt_file_errors(eval_pkg, tmp_path, monkeypatch):
+    from cast_lightning import eval_data
+
+    monkeypatch.delenv("CAST_EVAL_DATA_DIR", raising=False)
+    assert eval_data.data_dir() == eval_data.eval_package_dir() / "data"
+    assert eval_data.data_dir(package=eval_pkg) == eval_pkg / "data"
+    monkeypatch.setenv("CAST_EVAL_DATA_DIR", str(tmp_path))
+    assert eval_data.data_dir(package=eval_pkg) == tmp_path
+    assert eval_data.data_dir("/elsewhere", package=eval_pkg) == Path("/elsewhere")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(CastError, match="is empty"):
+        eval_data.read_prompt_file(tmp_path / "empty.jsonl")
+    with pytest.raises(CastError, match="broken.jsonl:2 is not valid JSON"):
+        eval_data.read_prompt_file(tmp_path / "broken.jsonl")
+
+
+def test_eval_data_imports_no_heavy_stack():
+    """lm-eval imports the task files, which import eval_data: it must stay free of torch/transformers/lm_eval."""
+    import subprocess
+    import sys
+
+    script = "import sys, cast_lightning.eval_data; print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
 
 
 def test_shipped_tasks_are_indexed_with_versions():
     from lm_eval.tasks import TaskManager
 
-    from cast_lightning.evaluation import task_version, tasks_dir
+    from cast_lightning.eval_data import task_version, tasks_dir
 
     names = set(TaskManager(include_path=str(tasks_dir()), include_defaults=False).all_tasks)
     expected = {f"cast_world_{s}" for s in SKILLS} | {"cast_world_utility", "cast_refusal", "cast_over_refusal", "cast_safety"}
@@ -245,9 +279,9 @@ def test_shipped_tasks_are_indexed_with_versions():
 
 def test_world_data_files_each_have_a_task():
     """Every utility_<skill>.jsonl the world writes needs a cast_world_<skill> task."""
-    from cast_lightning.evaluation import task_version
+    from cast_lightning.eval_data import task_version
+    from cast_lightning.world import generator as world
 
-    world = pytest.importorskip("cast_lightning.data.world")
     for skill in world.SKILLS:
         assert task_version(f"cast_world_{skill}") is not None, skill
 
@@ -340,7 +374,8 @@ def test_real_model_eval_configs_validate():
     from jsonargparse import ArgumentParser
     from lm_eval.tasks import TaskManager
 
-    from cast_lightning.evaluation import evaluate, tasks_dir
+    from cast_lightning.eval_data import tasks_dir
+    from cast_lightning.evaluation import evaluate
 
     configs = sorted((REPO / "configs" / "eval").glob("*.yaml"))
     assert configs
@@ -418,6 +453,8 @@ def test_eval_package_ships_in_the_wheel_and_is_found_there(tmp_path):
         shutil.copy(REPO / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "cast_lightning", src / "cast_lightning", ignore=ignore)
+    if (REPO / "configs").is_dir():  # shipped as cast_lightning.configs
+        shutil.copytree(REPO / "configs", src / "configs", ignore=ignore)
     shutil.copytree(REPO / "eval", src / "eval", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data"))
     (src / "eval" / "data").mkdir()
     _write(src / "eval" / "data" / "harmful.jsonl", [{"prompt": _harmful(1), "category": "x", "heldout_category": False}])
@@ -429,7 +466,7 @@ def test_eval_package_ships_in_the_wheel_and_is_found_there(tmp_path):
     zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).extractall(site)
     script = (
         "import json, importlib.util\n"
-        "from cast_lightning.evaluation import tasks_dir, data_dir, task_version\n"
+        "from cast_lightning.eval_data import tasks_dir, data_dir, task_version\n"
         "from lm_eval.tasks import TaskManager\n"
         "names = TaskManager(include_path=str(tasks_dir()), include_defaults=False).all_tasks\n"
         "spec = importlib.util.spec_from_file_location('u', tasks_dir() / 'cast_safety' / 'utils.py')\n"

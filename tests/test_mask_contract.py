@@ -1,4 +1,4 @@
-"""The mask contract (DESIGN section 6), bit for bit: skipped heads' slices never change, everything else does."""
+"""The mask contract, bit for bit: skipped heads' slices never change during fine-tuning, everything else does."""
 
 from __future__ import annotations
 

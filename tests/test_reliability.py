@@ -235,14 +235,15 @@ def _tree(directory: Path) -> dict[str, str]:
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """report/demo cases must fail in validation: reaching the pipeline (minutes of building and training) fails fast."""
-    import cast_lightning.pipeline as pipeline
+    """report/demo cases must fail in validation: reaching the study's stages (minutes of building and training)
+    fails fast."""
+    import cast_lightning.study.stages as stages
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the bad input reached the pipeline instead of failing validation")
+        raise AssertionError("the bad input reached the study's stages instead of failing validation")
 
-    monkeypatch.setattr(pipeline, "run_experiments", refuse)
-    monkeypatch.setattr(pipeline, "prepare", refuse)
+    monkeypatch.setattr(stages, "run_study", refuse)
+    monkeypatch.setattr(stages, "prepare", refuse)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -344,7 +345,7 @@ def test_damaged_cached_map_is_recomputed(tmp_path, capsys):
 def test_truncated_cached_checkpoint_is_refit_and_its_results_redone(tiny_llama_dir, tiny_data, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from cast_lightning.module import check_checkpoint_file
+    from cast_lightning.checkpoints import check_checkpoint_file
     from cast_lightning.pipeline import fit_stage
 
     world = SimpleNamespace(safety_train=tiny_data["safety"], benign_train=tiny_data["safety"], utility_train=tiny_data["utility"])

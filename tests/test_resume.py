@@ -79,6 +79,41 @@ def _weights(checkpoint: Path) -> tuple[int, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.multiprocess
+def test_learning_rate_schedule_is_a_pure_function_of_the_step():
+    """Linear warmup then cosine to the floor, by hand: warmup 4, 14 steps, floor 0.1. A pure function of the step is
+    what lets a resumed run continue the schedule exactly; CASTModule and the base model's pretraining share it."""
+    import math
+
+    from cast_lightning.schedule import warmup_cosine, warmup_cosine_factor
+
+    expected = {
+        0: 1 / 4,  # (step + 1) / warmup: the first step already trains
+        2: 3 / 4,
+        3: 1.0,
+        4: 1.0,  # cosine from progress 0
+        9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)),  # halfway: 0.55
+        11: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.7)),
+        14: 0.1,  # the floor at the last step
+        30: 0.1,  # and held there
+    }
+    for step, factor in expected.items():
+        assert warmup_cosine_factor(step, 14, 4, 0.1) == pytest.approx(factor, abs=1e-12), step
+    assert warmup_cosine_factor(9, 14, 4, 0.1) == pytest.approx(0.55, abs=1e-12)
+    assert warmup_cosine_factor(0, 10, 0, 0.2) == 1.0  # no warmup: the peak at once
+    assert warmup_cosine_factor(10, 10, 0, 0.2) == pytest.approx(0.2, abs=1e-12)
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=2.0)
+    scheduler = warmup_cosine(optimizer, 14, 4, 0.1)
+    seen = []
+    for _ in range(15):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == 0.5 and seen[4] == 2.0 and seen[9] == pytest.approx(1.1) and seen[14] == pytest.approx(0.2)
+    assert scheduler.state_dict()["lr_lambdas"] == [None]  # nothing beyond the step count to checkpoint
+
+
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny_llama_dir, tiny_data, tmp_path):
     straight = _fit(tiny_llama_dir, tiny_data, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -145,8 +145,8 @@ def check_checkpoint_and_export(model_dir, root: Path, tmp_path: Path) -> None:
     same weights; the frozen slices equal the base model's and everything else trained."""
     from transformers import AutoModelForCausalLM
 
+    from cast_lightning.checkpoints import read_checkpoint
     from cast_lightning.evaluation import load_for_eval
-    from cast_lightning.loading import read_checkpoint
     from cast_lightning.module import CASTModule
 
     checkpoints = [p for p in root.rglob("*.ckpt")]
@@ -361,7 +361,7 @@ def _fsdp1_generate_worker(model_dir: str, out: str) -> None:
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from cast_lightning.evaluation import generate_greedy
+    from cast_lightning.generation import generate_greedy
     from cast_lightning.loading import load_model_and_tokenizer
     from cast_lightning.strategies import generation_setup
 
@@ -518,7 +518,7 @@ def test_deepspeed_engine_masking_two_cpu_processes(stage, dtype, persistence, t
 def check_deepspeed_checkpoint(ckpt: Path, masters: dict, model_dir, dtype: str, tmp_path: Path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    from cast_lightning.loading import read_checkpoint
+    from cast_lightning.checkpoints import read_checkpoint
 
     saved = read_checkpoint(str(ckpt))
     assert saved["cast_skip_heads"] == sorted(SKIP) and saved["global_step"] == 6

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cast_lightning.data import world as W
 from cast_lightning.data.formatting import prompt_ids, tokenize_example
+from cast_lightning.errors import CastError
+from cast_lightning.world import generator as W
 
 SCALE = 0.05
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,13 @@ def test_no_heldout_prompt_appears_in_any_training_split(mini):
     for split in W.HELDOUT_SPLITS:
         heldout = {row["prompt"] for row in W.read_jsonl(getattr(mini, split))}
         assert heldout and not heldout & train_prompts, split
+
+
+def test_an_impossible_world_is_a_user_error():
+    with pytest.raises(CastError, match="scale must be > 0"):
+        W.generate_world(seed=0, scale=0)
+    with pytest.raises(CastError, match="distinct .* items .* use a smaller scale"):
+        W.generate_world(seed=0, scale=100.0)  # more distinct additions than pairs below 30
 
 
 def test_the_full_scale_world_keeps_its_splits_apart_too():
@@ -159,7 +167,7 @@ def test_committed_eval_data_matches_the_default_world(tmp_path):
 def test_tiny_pretraining_saves_a_model_that_loads_through_the_hub_path(tmp_path):
     import torch
 
-    from cast_lightning.data import base_model as B
+    from cast_lightning.world import base_model as B
     from cast_lightning.loading import load_causal_lm, load_tokenizer
 
     model_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

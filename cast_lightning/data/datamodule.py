@@ -24,6 +24,7 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "
 def load_rows(source: str) -> list[dict]:
     """All rows of one source as dicts (see the module docstring for the accepted forms)."""
     import datasets
+    import pyarrow
 
     datasets.disable_progress_bars()
     try:
@@ -46,7 +47,9 @@ def load_rows(source: str) -> list[dict]:
             dataset = datasets.load_dataset(name, split=split or "train")
     except CastError:
         raise
-    except Exception as error:  # malformed files, unreachable hub: one line, the fix named
+    # Malformed files (datasets' build errors, Arrow/JSON/CSV parse errors are ValueErrors), a missing or unreachable
+    # hub dataset (OSError: datasets' not-found errors and the hub's HTTP errors): one line, the fix named.
+    except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, OSError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
         raise CastError(f"cannot read data source {source}: {first[:200]} (check the file format or the dataset name)") from error
     if isinstance(dataset, datasets.DatasetDict):

@@ -1,13 +1,16 @@
 """Regenerate the stored report fixtures: ``python tests/data/report/generate.py`` (deterministic).
 
-A fake-but-plausible ``cast report`` run on a 2-layer x 4-head model: base, full fine-tuning, CAST (product),
-random, OC-only and FS-only at skip ratios 0.1 and 0.25 x seeds 0, 1, 2, plus 6 heads x 3 seeds of
-single-head runs. Designed so that CAST beats random skipping at 0.1 and does not at 0.25. Rates are
-multiples of 1/40 (40 prompts per safety set), skill accuracies multiples of 1/20 (20 documents per skill).
+A fake-but-plausible ``cast report`` study on a 2-layer x 4-head model, as ``experiments.json`` schema version 2:
+base, full fine-tuning, CAST (product), random, OC-only and FS-only at skip ratios 0.1 and 0.25 x seeds 0, 1, 2,
+plus 6 heads x 3 seeds of single-head runs. Designed so that CAST beats random skipping at 0.1 and does not at
+0.25. Rates are multiples of 1/40 (40 prompts per safety set), skill accuracies multiples of 1/20 (20 documents
+per skill). Only the results files (``results/``) and the map (``conflict_map.json``, also embedded in
+experiments.json) are stored; ``run_dir`` / ``config`` / ``checkpoint`` name what a real study writes there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -47,7 +50,8 @@ def metrics_for(refusal: float, over: float, utility: float, rng) -> dict:
     return m
 
 
-def results_file(name: str, metrics: dict, seed: int, skip_heads: list) -> str:
+def results_file(name: str, metrics: dict, seed: int, skip_heads: list) -> tuple[str, str, list[str]]:
+    """Write ``results/<name>.json`` like ``cast eval``; returns its path, sha256 and leaf tasks (sample counts)."""
     results = {
         "schema_version": 1, "created": "2025-01-01T00:00:00+00:00",
         "model": {"kind": "lightning_checkpoint", "path": f"runs/{name}/last.ckpt", "skip_heads": skip_heads},
@@ -59,13 +63,19 @@ def results_file(name: str, metrics: dict, seed: int, skip_heads: list) -> str:
     path = HERE / "results" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
-    return f"results/{name}.json"
+    return f"results/{name}.json", hashlib.sha256(path.read_bytes()).hexdigest(), list(results["sample_counts"])
+
+
+def run_paths(run_dir: str, name: str, metrics: dict, seed: int, skip_heads: list) -> dict:
+    results, sha256, leaves = results_file(name, metrics, seed, skip_heads)
+    return {"run_dir": run_dir, "config": f"{run_dir}/config.yaml", "checkpoint": f"{run_dir}/final.ckpt",
+            "results": results, "results_sha256": sha256, "metrics": metrics, "leaf_tasks": leaves}
 
 
 def main() -> None:
     rng = np.random.default_rng(7)
     cmap = conflict_map()
-    cmap.to_json(HERE / "conflict_map.json")
+    map_path = cmap.to_json(HERE / "conflict_map.json")
     design = {  # (refusal, over-refusal, utility) means
         ("base", 0.0): (0.10, 0.05, 0.80), ("full", 0.0): (0.925, 0.15, 0.62),
         ("cast", 0.1): (0.90, 0.12, 0.74), ("random", 0.1): (0.90, 0.13, 0.63),
@@ -81,9 +91,13 @@ def main() -> None:
             skip = [] if score is None else select_heads(combine_scores(cmap.oc, cmap.fs, score, seed=seed), ratio, seed=seed)
             metrics = metrics_for(refusal, over, utility, rng)
             name = f"{variant}_{ratio:g}_s{seed}" if ratio else f"{variant}_s{seed}"
-            runs.append({"variant": variant, "score": score, "skip_ratio": ratio, "seed": seed, "skip_heads": skip,
-                         "results": results_file(name, metrics, seed, skip), "metrics": metrics,
-                         "fit_seconds": None if variant == "base" else round(40 + 5 * rng.random(), 2)})
+            run_dir = "eval/base" if variant == "base" else f"runs/{variant}-r{ratio:g}-s{seed}" if ratio else f"runs/{variant}-s{seed}"
+            run = {"variant": variant, "score": score, "skip_ratio": ratio, "seed": seed, "skip_heads": skip,
+                   **run_paths(run_dir, name, metrics, seed, skip),
+                   "fit_seconds": None if variant == "base" else round(40 + 5 * rng.random(), 2)}
+            if variant == "base":
+                run.update(config=None, checkpoint="base_model")
+            runs.append(run)
             if variant == "full":
                 full_utility[seed] = np.mean([metrics[f"utility.cast_world_{s}.exact_match"] for s in SKILLS])
     product = np.asarray(combine_scores(cmap.oc, cmap.fs, "product"))
@@ -92,14 +106,23 @@ def main() -> None:
     for seed in SEEDS:
         for layer, head in heads:
             utility = full_utility[seed] + 0.12 * product[layer, head] + rng.normal(0, 0.012)
-            single.append({"head": [layer, head], "seed": seed, "metrics": metrics_for(0.92, 0.15, utility, np.random.default_rng(seed * 10 + layer * 4 + head))})
+            metrics = metrics_for(0.92, 0.15, utility, np.random.default_rng(seed * 10 + layer * 4 + head))
+            name = f"single_l{layer}h{head}_s{seed}"
+            single.append({"head": [layer, head], "seed": seed,
+                           **run_paths(f"single/l{layer}h{head}-s{seed}", name, metrics, seed, [[layer, head]])})
     experiments = {
-        "output_dir": "tests/data/report", "base_model": "cast_runs/demo/base_model", "diagnosis_map": "conflict_map.json",
-        "config": {"variants": ["base", "full", "cast", "random", "oc", "fs"], "skip_ratios": RATIOS, "seeds": SEEDS,
-                   "single_head_validity": 6, "max_steps": 150, "eval_limit": None},
+        "schema_version": 2,
+        "plan": {"variants": ["base", "full", "cast", "random", "oc", "fs"], "skip_ratios": RATIOS, "seeds": SEEDS,
+                 "single_head_validity": 6, "eval_limit": None, "base_seed": 0, "fit_config": "configs/world/fit.yaml",
+                 "diagnose_config": "configs/world/diagnose.yaml", "fit_args": {"trainer.max_steps": 150}},
+        "base_model": {"path": "base_model", "key": "tests-tiny-fixture"},
+        "diagnosis": {"map": "conflict_map.json", "sha256": hashlib.sha256(map_path.read_bytes()).hexdigest(),
+                      "config": "diagnosis/config.yaml", "conflict_map": cmap.to_dict()},
         "runs": runs, "single_head": single,
-        "provenance": {"versions": {"cast-lightning": "0.1.0", "torch": "2.13.0"}, "git_commit": "0123456789abcdef0123456789abcdef01234567",
-                       "created": "2025-01-01T00:00:00+00:00", "machine": "test fixture"},
+        "provenance": {"created": "2025-01-01T00:00:00+00:00", "git_commit": "0123456789abcdef0123456789abcdef01234567",
+                       "versions": {"python": "3.11.0", "cast-lightning": "0.1.0", "torch": "2.13.0"},
+                       "machine": {"platform": "test fixture", "processor": "x86_64", "cpus": 2, "torch_threads": 2,
+                                   "cuda": None, "load_average": None}},
     }
     (HERE / "experiments.json").write_text(json.dumps(experiments, indent=1) + "\n")
 

@@ -10,15 +10,14 @@ by a hash of the world/model/training config. Later calls reuse it. Load it like
 
 The world's data files are in ``path / "world"`` (see ``world_paths``). ``generate_greedy`` and
 ``measure`` give the quick checks (held-out utility accuracy per skill, refusal rates) and
-``quick_safety_sft`` the learnability check; ``python -m cast_lightning.data.base_model --measure``
-runs all of them and prints a JSON report.
+``quick_safety_sft`` the learnability check: ``measure`` the base model, ``quick_safety_sft`` it, and
+``measure`` again to see how much safety training moves the refusal rates and what it costs in utility.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -29,8 +28,11 @@ from pathlib import Path
 
 import torch
 
-from cast_lightning.data import world as world_lib
 from cast_lightning.data.formatting import IGNORE_INDEX, collate, per_sample_loss, tokenize_example
+from cast_lightning.generation import generate_greedy as _generate_greedy
+from cast_lightning.metrics import is_refusal
+from cast_lightning.schedule import warmup_cosine
+from cast_lightning.world import generator as world_lib
 
 BASE_MODEL_VERSION = 1
 
@@ -157,8 +159,8 @@ def train_sft(
     log: Callable[[str], None] | None = None,
     **_: object,
 ) -> dict:
-    """Plain PyTorch SFT on response tokens (AdamW, linear warmup + cosine). Each sample weighs the same
-    (per-sample mean token loss), so short utility answers are not drowned by long ones."""
+    """Plain PyTorch SFT on response tokens (AdamW, ``schedule.warmup_cosine``: linear warmup + cosine). Each
+    sample weighs the same (per-sample mean token loss), so short utility answers are not drowned by long ones."""
     examples = _tokenize_rows(tokenizer, rows, max_length)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -166,14 +168,7 @@ def train_sft(
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=learning_rate, betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = warmup_cosine(optimizer, steps, warmup_steps, min_lr_ratio)
     model.train()
     batches = _batches(examples, batch_size, rng)
     start, running, losses = time.perf_counter(), 0.0, []
@@ -289,26 +284,15 @@ def ensure_base_model(cache_dir: str | Path | None = None, seed: int = 0, force:
 
 
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
-    """Greedy answers to chat-formatted prompts: the evaluation package's batched generation (one code path)."""
-    from cast_lightning.evaluation import generate_greedy as evaluation_generate_greedy
-
-    return evaluation_generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-def refusal_detector() -> Callable[[str], bool]:
-    """``cast_lightning.metrics.is_refusal`` when available, else the world's own prefix check."""
-    try:
-        from cast_lightning.metrics import is_refusal  # type: ignore[attr-defined]
-
-        return is_refusal
-    except Exception:
-        return world_lib.starts_with_refusal
+    """Greedy answers to chat-formatted prompts: ``cast_lightning.generation``'s batched generation (one code path)
+    with this module's shorter defaults."""
+    return _generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def measure(model, tokenizer, world: world_lib.WorldPaths, batch_size: int = 64) -> dict:
     """Held-out utility accuracy per skill (exact match), refusal rates on held-out harmful prompts
-    (training categories / held-out category) and over-refusal on held-out benign look-alikes."""
-    is_refusal = refusal_detector()
+    (training categories / held-out category) and over-refusal on held-out benign look-alikes, judged by
+    ``cast_lightning.metrics.is_refusal`` (the detector ``cast eval`` uses)."""
     t0 = time.perf_counter()
     utility = world_lib.read_jsonl(world.utility_heldout)
     answers = generate_greedy(model, tokenizer, [r["prompt"] for r in utility], max_new_tokens=12, batch_size=batch_size)
@@ -348,52 +332,3 @@ def quick_safety_sft(model, tokenizer, world: world_lib.WorldPaths, steps: int =
     rows = safety + contrast + rng.sample(utility, min(len(utility), int(len(safety) * replay)))
     return train_sft(model, tokenizer, rows, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                      warmup_steps=10, min_lr_ratio=0.1, seed=seed, log=log, log_every=50)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    from cast_lightning.loading import load_causal_lm, load_tokenizer
-
-    parser = argparse.ArgumentParser(description="Build (or reuse) the embedded world's base model and measure it.")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild even when cached")
-    parser.add_argument("--measure", action="store_true", help="measure the base model and a quick safety SFT")
-    parser.add_argument("--sft-steps", type=int, default=200)
-    parser.add_argument("--sft-replay", type=float, default=0.5)
-    parser.add_argument("--sft-no-benign", action="store_true", help="safety SFT without the benign look-alikes")
-    parser.add_argument("--output", default=None, help="write the JSON report here")
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    path = ensure_base_model(args.cache_dir, seed=args.seed, force=args.force)
-    build_seconds = time.perf_counter() - t0
-    report = {"model_dir": str(path), "ensure_seconds": round(build_seconds, 1),
-              "base_model": json.loads((path / "base_model.json").read_text())}
-    report["base_model"].pop("losses", None)
-    if args.measure:
-        set_threads()
-        model = load_causal_lm(str(path))
-        tokenizer = load_tokenizer(str(path))
-        world = world_paths(path)
-        report["base"] = measure(model, tokenizer, world)
-        _log(f"base: {json.dumps({k: v for k, v in report['base'].items() if k != 'samples'})}", False)
-        report["safety_sft"] = quick_safety_sft(model, tokenizer, world, steps=args.sft_steps, replay=args.sft_replay,
-                                                benign=not args.sft_no_benign, log=lambda m: _log(m, False))
-        report["after_safety_sft"] = measure(model, tokenizer, world)
-        _log(f"after safety SFT: {json.dumps({k: v for k, v in report['after_safety_sft'].items() if k != 'samples'})}", False)
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,8 +18,9 @@ Everything is built by this file from a seed, with no download, so the whole pip
 
 ``build_world(output_dir, seed, scale)`` writes the splits as JSONL plus ``world.json`` and the
 tokenizer; ``write_eval_sets(eval_data_dir)`` writes the held-out prompt sets that ``eval/`` reads
-(``eval/data`` is this function's output for seed 0). The same seed gives byte-identical files;
+(``eval/data`` is ``write_eval_sets("eval/data")``, seed 0). The same seed gives byte-identical files;
 ``scale`` (e.g. 0.05) shrinks every split for tests. Change ``WORLD_VERSION`` with the generator.
+Impossible requests (``scale <= 0``, more distinct items than a skill has) are ``CastError``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cast_lightning.errors import CastError
 from cast_lightning.io import atomic_write_text
 
 WORLD_VERSION = 1
@@ -303,7 +305,10 @@ def _skill_split(skill: str, seed: int, scale: float) -> dict[str, list[dict]]:
                 misses += 1
                 if misses > 2000:  # the item space is exhausted: training repeats its own items
                     if split != "utility_train" or not rows:
-                        raise RuntimeError(f"cannot draw {sizes[split]} distinct {skill} items for {split}")
+                        raise CastError(
+                            f"cannot draw {sizes[split]} distinct {skill} items for {split}: the skill has fewer; "
+                            f"use a smaller scale"
+                        )
                     rows.append(dict(rng.choice(rows)))
                 continue
             seen.add(key)
@@ -428,7 +433,7 @@ def _benign(seed: int, scale: float) -> dict[str, list[dict]]:
 def generate_world(seed: int = 0, scale: float = 1.0) -> tuple[dict[str, list[dict]], dict]:
     """All splits in memory (rows with ``prompt`` and ``response`` plus metadata) and the manifest."""
     if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+        raise CastError(f"scale must be > 0, got {scale}: e.g. 1.0 for the full world, 0.05 for a miniature one")
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for skill in ["add", "reverse", "sort", "count"]:
         for split, rows in _skill_split(skill, seed, scale).items():
@@ -577,17 +582,3 @@ def write_eval_sets(eval_data_dir: str | Path, seed: int = 0, scale: float = 1.0
     heldout_category}) and ``benign.jsonl`` ({prompt}) from the world's held-out splits."""
     root = Path(eval_data_dir)
     return {name: atomic_write_text(root / name, _jsonl(rows)) for name, rows in eval_sets(seed, scale).items()}
-
-
-if __name__ == "__main__":  # python -m cast_lightning.data.world OUTPUT_DIR [SEED] [SCALE]
-    import sys
-
-    args = sys.argv[1:]
-    if not args:
-        sys.exit("usage: python -m cast_lightning.data.world OUTPUT_DIR [SEED] [SCALE]  |  --eval-sets EVAL_DATA_DIR")
-    if args[0] == "--eval-sets":
-        for path in write_eval_sets(args[1]).values():
-            print(path)
-    else:
-        built = build_world(args[0], seed=int(args[1]) if len(args) > 1 else 0, scale=float(args[2]) if len(args) > 2 else 1.0)
-        print(json.dumps(built.as_dict(), indent=2))
