@@ -87,9 +87,9 @@ def cli_class():
 
             def checked_load_checkpoint(checkpoint_path, *args, **kwargs):
                 if os.path.isfile(checkpoint_path):
-                    from cast_lightning.checkpoints import check_checkpoint_file
+                    from cast_lightning.checkpoints import RESUME_FIX, check_checkpoint_file
 
-                    check_checkpoint_file(str(checkpoint_path), "resume from an earlier checkpoint or drop --ckpt_path")
+                    check_checkpoint_file(str(checkpoint_path), RESUME_FIX)
                 return load_checkpoint(checkpoint_path, *args, **kwargs)
 
             strategy.load_checkpoint = checked_load_checkpoint

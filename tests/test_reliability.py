@@ -305,11 +305,19 @@ def test_help_and_print_config_still_exit_zero(capsys):
 # --- cached stages of cast report / cast demo ------------------------------------------------------------------------
 
 
+def _plan(tmp_path, **fields):
+    from cast_lightning.study.plan import StudyPlan
+
+    return StudyPlan(output_dir=str(tmp_path), fit_config="configs/world/fit.yaml",
+                     diagnose_config="configs/world/diagnose.yaml", variants=["full"], skip_ratios=[0.1], seeds=[0],
+                     **fields)
+
+
 def test_damaged_cached_results_are_recomputed(tmp_path, monkeypatch, capsys):
     """Every stage file is written atomically, so a damaged one came from outside (a copy cut short, an edit):
-    the pipeline redoes that stage instead of stopping on a JSON traceback."""
+    the study redoes that stage instead of stopping on a JSON traceback."""
     import cast_lightning.evaluation as evaluation
-    from cast_lightning.pipeline import eval_stage
+    from cast_lightning.study.stages import eval_stage
 
     output = tmp_path / "runs" / "cast-r0.1-s0" / "eval.json"
     output.parent.mkdir(parents=True)
@@ -323,40 +331,63 @@ def test_damaged_cached_results_are_recomputed(tmp_path, monkeypatch, capsys):
         return results
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    assert eval_stage(tmp_path / "final.ckpt", output)["metrics"] == {"safety.refusal_rate": 0.75}
+    plan = _plan(tmp_path)
+    assert eval_stage(plan, tmp_path / "final.ckpt", output)["metrics"] == {"safety.refusal_rate": 0.75}
     assert calls == [str(tmp_path / "final.ckpt")]
     assert "is unreadable" in capsys.readouterr().out
-    # A readable cached result is reused, not recomputed.
-    assert eval_stage(tmp_path / "final.ckpt", output)["metrics"] == {"safety.refusal_rate": 0.75} and len(calls) == 1
+    # A readable cached result is reused, not recomputed ...
+    assert eval_stage(plan, tmp_path / "final.ckpt", output)["metrics"] == {"safety.refusal_rate": 0.75} and len(calls) == 1
+    # ... unless the evaluation would now run with other options.
+    eval_stage(_plan(tmp_path, eval_limit=3), tmp_path / "final.ckpt", output)
+    assert len(calls) == 2 and "changed since it ran" in capsys.readouterr().out
 
 
 def test_damaged_cached_map_is_recomputed(tmp_path, capsys):
     from cast_lightning.conflict import ConflictMap
-    from cast_lightning.pipeline import variant_map
+    from cast_lightning.study.stages import variant_map
 
     cmap = ConflictMap.from_json(REPO / "tests" / "data" / "report" / "conflict_map.json")
     output = tmp_path / "conflict_map.json"
     output.write_text('{"schema_version": 1, "model": {')
-    derived = variant_map(cmap, "random", 0.25, 0, output)
+    derived = variant_map(cmap, "0" * 64, "random", 0.25, 0, output)
     assert ConflictMap.from_json(output).skip == derived.skip and len(derived.skip) >= 1
     assert "is unreadable" in capsys.readouterr().out
+    # Derived from another diagnosis map (its hash changed): recomputed, not reused.
+    stamp = output.stat().st_mtime_ns
+    assert variant_map(cmap, "0" * 64, "random", 0.25, 0, output).skip == derived.skip
+    assert output.stat().st_mtime_ns == stamp
+    variant_map(cmap, "1" * 64, "random", 0.25, 0, output)
+    assert output.stat().st_mtime_ns != stamp
+    assert ConflictMap.from_json(output).options["derived_from"]["sha256"] == "1" * 64
 
 
-def test_truncated_cached_checkpoint_is_refit_and_its_results_redone(tiny_llama_dir, tiny_data, tmp_path, capsys):
-    from types import SimpleNamespace
-
+def test_truncated_cached_checkpoint_is_refit_and_its_results_redone(tiny_llama_dir, tiny_data, tmp_path, capsys, monkeypatch):
     from cast_lightning.checkpoints import check_checkpoint_file
-    from cast_lightning.pipeline import fit_stage
+    from cast_lightning.study.stages import command_line, fit_command, fit_stage, sha256
 
-    world = SimpleNamespace(safety_train=tiny_data["safety"], benign_train=tiny_data["safety"], utility_train=tiny_data["utility"])
-    run_dir = tmp_path / "full-s0"
+    recipe = tmp_path / "fit.yaml"
+    recipe.write_text(
+        f"model: {{pretrained: {tiny_llama_dir}}}\n"
+        f"data: {{safety_files: [{tiny_data['safety']}], utility_files: [{tiny_data['utility']}], batch_size: 4}}\n"
+        "trainer: {accelerator: cpu, devices: 1, max_steps: 1, logger: false, enable_checkpointing: false,\n"
+        "  enable_progress_bar: false, callbacks: [{class_path: cast_lightning.callbacks.FinalCheckpoint}]}\n"
+    )
+    plan = _plan(tmp_path, fit_args=[])
+    plan.fit_config = str(recipe)
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("full-s0")
     run_dir.mkdir()
+    argv = fit_command(plan, run_dir, seed=0)
     (run_dir / "final.ckpt").write_bytes(b"PK\x03\x04 cut off by a crash")
     (run_dir / "eval.json").write_text(json.dumps({"metrics": {"safety.refusal_rate": 1.0}}))  # of the lost weights
-    final, seconds = fit_stage(tiny_llama_dir, world, run_dir, seed=0, max_steps=1)
+    stamp = {"command": command_line(argv), "recipe_sha256": sha256(recipe), "conflict_map_sha256": None}
+    (run_dir / "stage.json").write_text(json.dumps(stamp))  # the stamp says the fit finished: the file is what is wrong
+    final, seconds = fit_stage(plan, recipe, argv, run_dir)
     assert seconds is not None and check_checkpoint_file(str(final), "")["global_step"] == 1
     assert not (run_dir / "eval.json").exists()
     assert "is unreadable" in capsys.readouterr().out
+    assert json.loads((run_dir / "stage.json").read_text()) == stamp
+    assert fit_stage(plan, recipe, argv, run_dir)[1] is None  # now whole: reused
 
 
 # --- atomic writes under SIGKILL -------------------------------------------------------------------------------------
@@ -462,7 +493,7 @@ def test_report_and_map_files_are_all_written_atomically(tmp_path, monkeypatch):
     import cast_lightning.io as io
     from cast_lightning.conflict import ConflictMap
     from cast_lightning.diagnosis import write_map
-    from cast_lightning.report import render_report
+    from cast_lightning.study.render import write_report
 
     saved = []
     atomic_save = io.atomic_save
@@ -471,13 +502,12 @@ def test_report_and_map_files_are_all_written_atomically(tmp_path, monkeypatch):
         saved.append(Path(path).name)
         return atomic_save(path, write)
 
-    for module in ("cast_lightning.io", "cast_lightning.report", "cast_lightning.conflict"):
+    for module in ("cast_lightning.io", "cast_lightning.study.render", "cast_lightning.study.plots", "cast_lightning.conflict"):
         monkeypatch.setattr(f"{module}.atomic_save", recording, raising=False)
     data = REPO / "tests" / "data" / "report"
     experiments = json.loads((data / "experiments.json").read_text())
-    experiments["output_dir"] = str(data)
     out = tmp_path / "report"
-    render_report(experiments, out)
+    write_report(experiments, out)
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(saved) and {"report.md", "report.html", "report.json", "pareto.png"} <= set(written)
 
