@@ -32,7 +32,8 @@ def save_config_class():
             # Rank zero only. Beside the logger's copy, the run directory itself keeps the resolved config: the
             # one file that repeats this run (cast fit --config <run>/config.yaml).
             root = str(trainer.default_root_dir)
-            if "://" not in root:
+            # Only into a run directory the user named: the working directory may hold their own config.yaml.
+            if "://" not in root and Path(root).resolve() != Path.cwd().resolve():
                 from cast_lightning.io import atomic_write_text
 
                 atomic_write_text(Path(root) / self.config_filename, self.parser.dump(self.config, skip_none=False))
@@ -127,7 +128,7 @@ def run_diagnose(argv: list[str]) -> None:
     )
     run_diagnosis(cli.model, cli.datamodule, cli.trainer)
     root = str(cli.trainer.default_root_dir)
-    if cli.trainer.is_global_zero and "://" not in root:
+    if cli.trainer.is_global_zero and "://" not in root and Path(root).resolve() != Path.cwd().resolve():
         from cast_lightning.io import atomic_write_text
 
         # Beside the map: the resolved config that repeats this diagnosis (cast diagnose --config <it>).
