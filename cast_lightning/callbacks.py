@@ -15,6 +15,7 @@ from cast_lightning.eval_data import data_dir
 from cast_lightning.evaluation import read_prompts
 from cast_lightning.generation import generate_greedy
 from cast_lightning.metrics import RefusalRate, exact_match
+from cast_lightning.strategies import generation_setup
 
 
 class RefusalCallback(L.Callback):
@@ -25,7 +26,9 @@ class RefusalCallback(L.Callback):
     The values go to every Lightning logger at ``step`` = the number of optimizer steps taken (only at
     the measured steps, never repeated in between) and into ``trainer.callback_metrics``, so
     ``ModelCheckpoint(monitor="safety/refusal_rate")`` can use them. Under DDP each rank generates for its share of the prompts and the counts are summed
-    across ranks by torchmetrics; ranks pad their share so they run the same number of generate calls.
+    across ranks by torchmetrics; ranks pad their share so they run the same number of generate calls, and the
+    padding is never counted: every prompt counts exactly once. Generation runs in the setup ``cast test`` uses
+    (``strategies.generation_setup``: synced generation when the weights are sharded).
 
     Args:
         harmful: JSONL/JSON/Parquet/CSV of harmful prompts (``prompt``); default the evaluation package's
@@ -104,12 +107,14 @@ class RefusalCallback(L.Callback):
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         model, tokenizer = pl_module.model, pl_module.tokenizer
-        extra = {"synced_gpus": True} if trainer.world_size > 1 else {}
         device = pl_module.device
         results = {}
 
         def generate(prompts: Sequence[str]) -> list[str]:
-            return generate_greedy(model, tokenizer, prompts, self.max_new_tokens, self.batch_size, **extra)
+            # The generation setup of `cast test` (CASTModule.test_step): synced generation when the weights are
+            # sharded over ranks, FSDP1's root parameters gathered for the call.
+            with generation_setup(trainer.strategy, model, trainer.world_size) as generate_kwargs:
+                return generate_greedy(model, tokenizer, prompts, self.max_new_tokens, self.batch_size, **generate_kwargs)
 
         for key, prompts in (("safety/refusal_rate", self.harmful), ("safety/over_refusal_rate", self.benign)):
             if not prompts:
@@ -151,26 +156,32 @@ class FinalCheckpoint(L.Callback):
         self.filename = filename
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import os
-        import shutil
+        from cast_lightning.lightning_cli import save_checkpoint_atomically
 
-        final = Path(trainer.default_root_dir) / self.filename
-        # One temporary name for every rank: saving is collective and rank 0 (or each shard writer) writes it.
-        tmp = Path(trainer.strategy.broadcast(str(final.with_name(f".{final.name}.tmp-{os.getpid()}"))))
-        trainer.save_checkpoint(tmp)
-        trainer.strategy.barrier("cast_final_checkpoint_written")
-        if trainer.is_global_zero:
-            if tmp.is_file():
-                with open(tmp, "rb") as handle:
-                    os.fsync(handle.fileno())
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            if final.is_dir():  # a sharded checkpoint directory cannot be renamed over: move it aside first
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            directory = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)  # the rename itself survives a power cut
-            finally:
-                os.close(directory)
-        trainer.strategy.barrier("cast_final_checkpoint_renamed")
+        save_checkpoint_atomically(trainer, Path(trainer.default_root_dir) / self.filename)
+
+
+class IntraOpThreads(L.Callback):
+    """Run the whole fit (or diagnosis) with exactly ``threads`` torch intra-op threads, restoring the previous
+    count at teardown. A recipe that names it does not depend on the machine's core count (float sums can depend on
+    how many threads split them), and one thread does not spin against other jobs on a small shared machine.
+
+    Args:
+        threads: intra-op threads (``torch.set_num_threads``); 1 is also the robust choice on a small shared machine.
+    """
+
+    def __init__(self, threads: int = 1):
+        super().__init__()
+        if int(threads) < 1:
+            raise CastError(f"IntraOpThreads threads {threads} must be >= 1")
+        self.threads = int(threads)
+        self._before: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._before is not None:
+            torch.set_num_threads(self._before)
+            self._before = None

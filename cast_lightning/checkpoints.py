@@ -20,6 +20,12 @@ Checkpoint layouts (``checkpoint_kind``):
   non-tensor global refuses the file.
 
 Every refusal is a ``CastError`` naming the file and what to do instead.
+
+The training scope travels as ``cast_scope`` (``scope_record``): ``trainable`` (all, attention, lora or patterns),
+the LoRA options, and whether the frozen tensors were left out (one device / DDP checkpoints of a scope that freezes
+parameters) with a fingerprint of them. ``load_checkpoint_model`` rebuilds the scope on the base model (the LoRA
+adapters included), loads the saved tensors, takes the left-out ones from the base after checking the fingerprint,
+and merges LoRA adapters into the base weights unless asked for the adapter model.
 """
 
 from __future__ import annotations
@@ -34,11 +40,35 @@ from glob import glob
 
 import torch
 
+from cast_lightning import scopes
 from cast_lightning.errors import CastError
+from cast_lightning.heads import HeadLayout
 from cast_lightning.loading import load_model_and_tokenizer
 
 # The checkpoint entry in which CASTModule saves its skipped heads ([[layer, head], ...]); export and eval read it.
 SKIP_HEADS_KEY = "cast_skip_heads"
+# The checkpoint entry holding the training scope (scope_record).
+SCOPE_KEY = "cast_scope"
+
+
+def scope_record(trainable, lora: dict | None, frozen_from_base: bool, base_fingerprint: dict | None) -> dict:
+    """What a checkpoint says about its scope: plain data, read back ``weights_only``."""
+    return {
+        "trainable": trainable if isinstance(trainable, str) else list(trainable),
+        "lora": None if lora is None else dict(lora),
+        "frozen_from_base": bool(frozen_from_base),
+        "base_fingerprint": dict(base_fingerprint) if base_fingerprint else None,
+    }
+
+
+def checkpoint_scope(checkpoint: dict) -> dict:
+    """The checkpoint's ``scope_record``; checkpoints from before scopes trained everything and hold every tensor."""
+    saved = checkpoint.get(SCOPE_KEY)
+    if isinstance(saved, dict):
+        return scope_record(saved.get("trainable", scopes.ALL), saved.get("lora"), saved.get("frozen_from_base", False),
+                            saved.get("base_fingerprint"))
+    hp = checkpoint.get("hyper_parameters") or {}
+    return scope_record(hp.get("trainable", scopes.ALL), hp.get("lora"), False, None)
 
 READ_FIX = "give a checkpoint written by cast fit"
 RESUME_FIX = "resume from an earlier checkpoint or drop --ckpt_path"
@@ -188,14 +218,24 @@ def read_checkpoint(ckpt_path: str, fix: str = READ_FIX) -> dict:
     return _require_cast_checkpoint(checkpoint, ckpt_path, fix)
 
 
-def load_checkpoint_model(ckpt_path: str, fix: str = READ_FIX):
+def load_checkpoint_model(ckpt_path: str, fix: str = READ_FIX, merge: bool = True):
     """(model, tokenizer, checkpoint) from a CASTModule checkpoint of any strategy: the base model named in its
-    hyper_parameters, with the trained weights. The checkpoint is read and checked before any model loads."""
+    hyper_parameters, in its training scope, with the trained weights. The checkpoint is read and checked before any
+    model loads. LoRA checkpoints: the adapters are merged into the base weights (a plain HF model), or with
+    ``merge=False`` the peft model is returned (``cast export --adapter_only`` saves its adapter). A QLoRA checkpoint
+    is applied to the full-precision base."""
     checkpoint = read_checkpoint(ckpt_path, fix)
     hp = checkpoint["hyper_parameters"]
+    scope = checkpoint_scope(checkpoint)
     model, tokenizer = load_model_and_tokenizer(
         hp["pretrained"], hp.get("dtype", "float32"), hp.get("attn_implementation"), hp.get("trust_remote_code", False)
     )
+    peft_model = None
+    if scope["trainable"] != scopes.ALL:
+        lora = None if scope["lora"] is None else {**scope["lora"], "load_in_4bit": False}
+        scoped, _ = scopes.apply(model, HeadLayout.from_model(model), scope["trainable"], lora, hp["pretrained"])
+        if lora is not None:
+            peft_model, model = scoped, scoped.base_model.model
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     own = model.state_dict()
     reshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -205,13 +245,22 @@ def load_checkpoint_model(ckpt_path: str, fix: str = READ_FIX):
             f"shape, e.g. {reshaped[0]}): pair it with the model it was trained from"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied weights (lm_head = embed_tokens) may be stored once; anything else missing means another model.
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and "lm_head" not in k]
+    # Tied weights (lm_head = embed_tokens) may be stored once; left-out frozen tensors come from the base (checked
+    # by fingerprint); anything else missing means another model.
+    from_base = set(scopes.frozen_names(model)) if scope["frozen_from_base"] else set()
+    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and "lm_head" not in k and k not in from_base]
     if missing or unexpected:
         raise CastError(
             f"checkpoint {ckpt_path} does not fit the model {hp['pretrained']} "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors): pair it with the model it was trained from"
         )
+    if scope["frozen_from_base"]:
+        scopes.check_fingerprint(scope["base_fingerprint"], scopes.fingerprint(model), hp["pretrained"],
+                                 f"checkpoint {ckpt_path}", "pair it with the base model it was trained from")
+    if peft_model is not None:
+        from cast_lightning.lora import merge as merge_lora
+
+        model = merge_lora(peft_model) if merge else peft_model
     return model, tokenizer, checkpoint
 
 

@@ -7,9 +7,11 @@ Errors meant for users (``CastError``, bad arguments) print one line and exit 2;
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -130,9 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"cast: error: unknown subcommand {command!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if hasattr(signal, "SIGXFSZ") and signal.getsignal(signal.SIGXFSZ) == signal.SIG_DFL:
+        # Past a file-size limit (ulimit -f) a write fails with EFBIG, which io.atomic_save reports in one line
+        # (the previous file intact), instead of the process being killed mid-write by the signal.
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from argparse import ArgumentError
 
+    from cast_lightning import lightning_cli
     from cast_lightning.errors import CastError
+    from cast_lightning.lightning_cli import Preempted
+
+    lightning_cli.HOLD_START_OUTPUT = not debug  # --debug: the libraries' start-up output as it comes
 
     # Weight-loading progress bars would bury the one line that matters; Lightning shows training progress.
     import transformers
@@ -146,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entry = COMMANDS[command]
         entry.run(command, entry.resolve(), rest)
+    except Preempted as stop:  # SIGTERM / SIGUSR1: a resumable checkpoint was saved (cast fit), how to go on
+        if debug:
+            traceback.print_exc()
+        print(f"cast {command}: {stop.line(command)}", file=sys.stderr)
+        return stop.exit_code
     except CastError as error:
         if debug:
             traceback.print_exc()

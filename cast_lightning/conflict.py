@@ -34,7 +34,13 @@ SCHEMA_VERSION = 1
 
 CONFLICT_VARIANTS = ("cosine", "projection")
 SENSITIVITY_VARIANTS = ("taylor", "ablation")
-SCORE_METHODS = ("product", "weighted", "rank", "oc", "fs", "random")
+SCORE_METHODS = ("product", "weighted", "rank", "oc", "fs", "random")  # computed from OC and FS alone
+# Neighbouring methods' head scores, computed by the diagnosis when asked (``scorers``) and kept in the map's
+# ``extra`` grids: ``ships`` (mean absolute safety-loss change when the head's output is scaled down) and ``snip`` (share of the
+# head's weights in the top SNIP set for safety and not for utility).
+ATTRIBUTION_SCORES = ("ships", "snip")
+ALL_SCORES = SCORE_METHODS + ATTRIBUTION_SCORES
+SELECTION_MODES = ("skip", "train_only")
 
 # The layout fields a map must share with the model it is applied to.
 IDENTITY_KEYS = ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -88,12 +94,27 @@ def _normalised_rank(x: torch.Tensor) -> torch.Tensor:
     return (ranks / max(flat.size - 1, 1)).view(x.shape)
 
 
-def combine_scores(oc, fs, method: str = "product", lam: float = 0.5, seed: int = 0) -> torch.Tensor:
-    """Per-head score ``S = combine(OC, FS)`` (shape of ``oc``); higher = more worth skipping."""
-    _check_choice("score", method, SCORE_METHODS)
+def combine_scores(oc, fs, method: str = "product", lam: float = 0.5, seed: int = 0, extra: dict | None = None) -> torch.Tensor:
+    """Per-head score ``S = combine(OC, FS)`` (shape of ``oc``); higher = more worth skipping.
+
+    ``ships`` and ``snip`` take the diagnosis's attribution grid of that name from ``extra`` and negate it: a head
+    that matters least for safety is the most worth skipping (and, under ``train_only`` selection, the heads that
+    matter most are the ones trained).
+    """
+    _check_choice("score", method, ALL_SCORES)
     oc, fs = torch.as_tensor(oc, dtype=torch.float64), torch.as_tensor(fs, dtype=torch.float64)
     if oc.shape != fs.shape:
         raise CastError(f"OC shape {tuple(oc.shape)} differs from FS shape {tuple(fs.shape)}")
+    if method in ATTRIBUTION_SCORES:
+        if not extra or method not in extra:
+            raise CastError(
+                f"score {method} needs the diagnosis's {method} attribution: run cast diagnose with "
+                f"--model.scorers '[{method}]'"
+            )
+        values = torch.as_tensor(extra[method], dtype=torch.float64)
+        if values.shape != oc.shape:
+            raise CastError(f"{method} shape {tuple(values.shape)} differs from OC shape {tuple(oc.shape)}")
+        return -values
     if method == "product":
         fs_pos = fs.clamp_min(0)  # an ablation FS < 0 (removing the head helps) means "not depended on"
         top = fs_pos.max() if fs_pos.numel() else torch.tensor(0.0, dtype=torch.float64)
@@ -134,8 +155,14 @@ def select_heads(
     top_k: int | None = None,
     threshold: float | None = None,
     seed: int = 0,
+    mode: str = "skip",
 ) -> list[list[int]]:
-    """The heads to skip, highest score first, as ``[layer, head]`` pairs (see ``selection_rule``)."""
+    """The heads to skip, highest score first, as ``[layer, head]`` pairs (see ``selection_rule``).
+
+    ``mode="train_only"`` turns the rule around: it picks the k heads to *train* (the k lowest scores) and returns
+    every other head, so only the picked heads' attention slices train (a threshold means the same in both modes).
+    """
+    _check_choice("selection mode", mode, SELECTION_MODES)
     score = torch.as_tensor(score, dtype=torch.float64)
     if score.dim() != 2:
         raise CastError(f"score must be a layers x heads array, got shape {tuple(score.shape)}")
@@ -145,7 +172,7 @@ def select_heads(
     flat = score.reshape(-1).numpy()
     tiebreak = np.random.default_rng(int(seed)).permutation(n)
     order = np.lexsort((tiebreak, -flat))  # by score descending, ties in a seeded random order
-    if rule["rule"] == "threshold":
+    if rule["rule"] == "threshold":  # the same in both modes: heads below the threshold train
         chosen = [int(i) for i in order if flat[i] >= rule["threshold"]]
     else:
         if rule["rule"] == "top_k":
@@ -155,7 +182,7 @@ def select_heads(
         else:
             ratio = rule["skip_ratio"]
             k = max(1, round(ratio * n)) if ratio > 0 else 0
-        chosen = [int(i) for i in order[:k]]
+        chosen = [int(i) for i in order[: (n - k if mode == "train_only" else k)]]
     return [[i // num_heads, i % num_heads] for i in chosen]
 
 
@@ -276,6 +303,7 @@ class ConflictMap:
         top_k: int | None = None,
         threshold: float | None = None,
         seed: int | None = None,
+        selection_mode: str | None = None,
     ) -> ConflictMap:
         """A copy with the score and the selection recomputed from this map's OC and FS (no new diagnosis).
 
@@ -288,11 +316,12 @@ class ConflictMap:
         seed = self.seed if seed is None else seed
         if skip_ratio is None and top_k is None and threshold is None:
             skip_ratio, top_k, threshold = options.get("skip_ratio"), options.get("top_k"), options.get("threshold")
-        new_score = combine_scores(self.oc, self.fs, method, lam, seed)
-        skip = select_heads(new_score, skip_ratio, top_k, threshold, seed)
+        mode = selection_mode or options.get("selection_mode", "skip")
+        new_score = combine_scores(self.oc, self.fs, method, lam, seed, self.extra)
+        skip = select_heads(new_score, skip_ratio, top_k, threshold, seed, mode)
         options.update(
             score=method, weight_lambda=lam, skip_ratio=skip_ratio, top_k=top_k, threshold=threshold,
-            selection=selection_rule(skip_ratio, top_k, threshold),
+            selection=selection_rule(skip_ratio, top_k, threshold), selection_mode=mode,
         )
         data = {**asdict(self), "score": new_score, "skip": skip, "options": options, "seed": seed}
         data.pop("created")

@@ -32,6 +32,7 @@ What is measured (every choice is recorded in the map's ``options``):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -43,8 +44,10 @@ import lightning as L
 import torch
 
 from cast_lightning.conflict import (
+    ALL_SCORES,
+    ATTRIBUTION_SCORES,
     CONFLICT_VARIANTS,
-    SCORE_METHODS,
+    SELECTION_MODES,
     SENSITIVITY_VARIANTS,
     ConflictMap,
     check_finite,
@@ -57,8 +60,13 @@ from cast_lightning.data.formatting import IGNORE_INDEX, per_sample_loss
 from cast_lightning.errors import CastError
 from cast_lightning.heads import KV_POLICIES, HeadLayout
 from cast_lightning.io import ensure_writable
+from cast_lightning.layers import LAYER_GAP_KEY, layer_gap, layer_prefix, locate_layers
 
 SAFETY, UTILITY = 0, 1  # dataloader_idx of the two diagnosis loaders
+LAYER_SCORERS = ("layer_gap",)  # per-layer scorers: recorded in the map's data, not as layers x heads grids
+SCORERS = ATTRIBUTION_SCORES + LAYER_SCORERS
+LAYER_GAP_RULE = ("M = max gap; none when M <= 0; start = first layer with gap >= layer_gap_fraction * M; l_inc = the "
+                  "layer l >= 1 with the largest gap_l - gap_{l-1} (first on ties); located = start .. max(start, l_inc)")
 
 DIAGNOSIS_TRAINER_DEFAULTS = {
     "inference_mode": False,  # gradients are needed inside predict_step
@@ -82,16 +90,35 @@ class DiagnosisOptions:
     kv_policy: str = "all"
     seed: int = 0
     heads_per_pass: int = 8
+    scorers: tuple[str, ...] = ()
+    ships_scale: float = 0.01
+    snip_safety_top: float = 0.05
+    snip_utility_top: float = 0.05
+    selection_mode: str = "skip"
+    layer_gap_fraction: float = 0.5
 
     def validate(self) -> DiagnosisOptions:
+        self.scorers = tuple(dict.fromkeys(self.scorers))
         for option, value, choices in [
             ("conflict", self.conflict, CONFLICT_VARIANTS),
             ("sensitivity", self.sensitivity, SENSITIVITY_VARIANTS),
-            ("score", self.score, SCORE_METHODS),
+            ("score", self.score, ALL_SCORES),
             ("kv_policy", self.kv_policy, KV_POLICIES),
+            ("selection_mode", self.selection_mode, SELECTION_MODES),
+            *[("scorer", scorer, SCORERS) for scorer in self.scorers],
         ]:
             if value not in choices:
                 raise CastError(f"unknown {option} {value!r}: use one of {', '.join(choices)}")
+        if self.score in ATTRIBUTION_SCORES and self.score not in self.scorers:
+            raise CastError(f"score {self.score} needs its attribution: add --model.scorers '[{self.score}]'")
+        if not 0.0 <= self.ships_scale < 1.0:
+            raise CastError(f"ships_scale {self.ships_scale} must be in [0, 1): the factor a head's output is scaled by")
+        for name in ("snip_safety_top", "snip_utility_top"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise CastError(f"{name} {getattr(self, name)} must be in (0, 1]: the fraction of weights in the top set")
+        if not 0.0 < self.layer_gap_fraction <= 1.0:
+            raise CastError(f"layer_gap_fraction {self.layer_gap_fraction} must be in (0, 1]: the share of the largest "
+                            f"cosine gap where the located layers start")
         if not 0.0 <= self.weight_lambda <= 1.0:
             raise CastError(f"weight_lambda {self.weight_lambda} is outside [0, 1]: choose the OC weight in [0, 1]")
         if self.heads_per_pass < 1:
@@ -114,8 +141,29 @@ class DiagnosisOptions:
             "taylor": "mean over utility samples of |dL/d gate| on the head output",
             "ablation": "increase of mean utility loss with the head output zeroed",
         }[self.sensitivity]
-        if self.sensitivity != "ablation":
+        if self.sensitivity != "ablation" and "ships" not in self.scorers:
             d.pop("heads_per_pass")
+        d["scorers"] = list(self.scorers)
+        if "ships" not in self.scorers:
+            d.pop("ships_scale")
+        else:
+            d["ships_definition"] = ("mean over safety samples of |L_s(head output scaled by ships_scale) - L_s|; "
+                                     "score ships = -ships (the least safety-relevant heads are skipped first)")
+        if "layer_gap" not in self.scorers:
+            d.pop("layer_gap_fraction")
+        else:
+            d["layer_gap_definition"] = ("per decoder layer l, h_l = the layer's output at the last prompt token (utility "
+                                         "prompts benign, safety prompts harmful): gap_l = mean over i != j of "
+                                         "cos(benign_i, benign_j) - mean over i, j of cos(benign_i, harmful_j); "
+                                         "in data.layer_gap")
+            d["layer_gap_rule"] = LAYER_GAP_RULE
+        if "snip" not in self.scorers:
+            d.pop("snip_safety_top")
+            d.pop("snip_utility_top")
+        else:
+            d["snip_definition"] = ("share of the head's OC slices' weights whose |W * G_s| is in the top snip_safety_top "
+                                    "of all attention weights and whose |W * G_u| is not in the top snip_utility_top; "
+                                    "score snip = -snip")
         return d
 
 
@@ -182,10 +230,21 @@ class HeadStatistics:
         stat_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.taylor_sum = torch.zeros(shape, dtype=stat_dtype, device=device)
         self.ablation_sum = torch.zeros(shape, dtype=stat_dtype, device=device)
+        self.ships_sum = torch.zeros(shape, dtype=stat_dtype, device=device)
         # counts: safety samples, utility samples, safety tokens, utility tokens, safety loss sum, utility loss sum
         self.counts = torch.zeros(6, dtype=stat_dtype, device=device)
+        # layer_gap: per objective (safety, utility) and layer, the sum of unit last-prompt-token hidden states.
+        self.hidden_sum = torch.zeros(2, self.layout.num_layers, self.layout.hidden_size, dtype=stat_dtype, device=device)
+        self._hidden: dict[int, torch.Tensor] | None = None
         for layer, name in enumerate(proj):
             self._handles.append(modules[name].register_forward_pre_hook(self._pre_hook(layer)))
+        if "layer_gap" in self.options.scorers:
+            for layer in range(self.layout.num_layers):
+                block = modules.get(layer_prefix(self.layout, layer)[:-1])
+                if block is None:
+                    raise CastError(f"no decoder layer {layer_prefix(self.layout, layer)[:-1]} in the model: the layer gap "
+                                    f"needs the {self.layout.architecture} layout's module names")
+                self._handles.append(block.register_forward_hook(self._layer_hook(layer)))
         self._attached = True
         return self
 
@@ -219,6 +278,23 @@ class HeadStatistics:
 
         return hook
 
+    def _layer_hook(self, layer: int) -> Callable:
+        def hook(module, args, output):
+            if self._hidden is not None:
+                self._hidden[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    def _add_hidden(self, batch: dict, valid: torch.Tensor, into: int) -> None:
+        """Add the unit hidden state at each valid sample's last prompt token (the position before its first label)."""
+        labels = batch["labels"]
+        last = (labels != IGNORE_INDEX).int().argmax(dim=1) - 1
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        for layer in range(self.layout.num_layers):
+            h = self._hidden[layer][rows, last.clamp(min=0)].to(self.hidden_sum.dtype)
+            h = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+            self.hidden_sum[into, layer] += (h * valid[:, None].to(h.dtype)).sum(0)
+
     # -- per batch ------------------------------------------------------------------------------------------------
 
     def _losses(self, batch: dict) -> torch.Tensor:
@@ -236,13 +312,17 @@ class HeadStatistics:
         if torch.is_inference_mode_enabled():
             raise CastError("diagnosis needs gradients: run it with --trainer.inference_mode false (cast diagnose's default)")
         self._captured = {} if capture else None
+        self._hidden = {} if "layer_gap" in self.options.scorers else None
         try:
             with torch.enable_grad():
                 losses = self._losses(batch)
                 captured = [self._captured[layer] for layer in range(self.layout.num_layers)] if capture else []
                 grads = torch.autograd.grad(losses.sum(), self._params + captured, allow_unused=True)
+            if self._hidden is not None:
+                self._add_hidden(batch, self._valid(batch)[0], UTILITY if grads_into is self.grad_u else SAFETY)
         finally:
             self._captured = None
+            self._hidden = None
         for name, g in zip(self._names, grads):
             if g is not None:
                 grads_into[name].add_(g)
@@ -263,6 +343,10 @@ class HeadStatistics:
         self.counts[2] += tokens
         self.counts[4] += losses.float().sum()
         self.timing["safety_s"] += time.perf_counter() - start
+        if "ships" in self.options.scorers:
+            start = time.perf_counter()
+            self._ablate(batch, valid, self.ships_sum, self.options.ships_scale, absolute=True)
+            self.timing["ships_s"] = self.timing.get("ships_s", 0.0) + time.perf_counter() - start
 
     def utility_batch(self, batch: dict) -> None:
         start = time.perf_counter()
@@ -273,11 +357,13 @@ class HeadStatistics:
         self.timing["utility_s"] += time.perf_counter() - start
         if self.options.sensitivity == "ablation":
             start = time.perf_counter()
-            self._ablate(batch, valid)
+            self._ablate(batch, valid, self.ablation_sum, 0.0)
             self.timing["ablation_s"] += time.perf_counter() - start
 
     @torch.no_grad()
-    def _ablate(self, batch: dict, valid: torch.Tensor) -> None:
+    def _ablate(self, batch: dict, valid: torch.Tensor, into: torch.Tensor, scale: float, absolute: bool = False) -> None:
+        """``into[l, h] += sum over valid samples of L(head (l, h)'s output scaled by scale) - L`` (its absolute
+        value per sample with ``absolute``)."""
         H, d = self.layout.num_heads, self.layout.head_dim
         base = self._losses(batch)
         heads = [(layer, head) for layer in range(self.layout.num_layers) for head in range(H)]
@@ -290,16 +376,17 @@ class HeadStatistics:
             for c, (layer, head) in enumerate(chunk):
                 if layer not in masks:
                     masks[layer] = torch.ones(copies, H * d, device=base.device)
-                masks[layer][c, head * d : (head + 1) * d] = 0
+                masks[layer][c, head * d : (head + 1) * d] = scale
             repeated = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
             self._ablation_masks = masks
             try:
                 losses = self._losses(repeated).view(copies, -1)
             finally:
                 self._ablation_masks = None
-            delta = ((losses - base[None]) * valid[None]).sum(dim=1).to(self.ablation_sum.dtype)
+            change = losses - base[None]
+            delta = ((change.abs() if absolute else change) * valid[None]).sum(dim=1).to(into.dtype)
             for c, (layer, head) in enumerate(chunk):
-                self.ablation_sum[layer, head] += delta[c]
+                into[layer, head] += delta[c]
 
     # -- results --------------------------------------------------------------------------------------------------
 
@@ -308,15 +395,47 @@ class HeadStatistics:
         if fn is None:
             return
         start = time.perf_counter()
-        small = torch.cat([self.counts, self.taylor_sum.reshape(-1), self.ablation_sum.reshape(-1)])
+        small = torch.cat([self.counts, self.taylor_sum.reshape(-1), self.ablation_sum.reshape(-1), self.ships_sum.reshape(-1),
+                           self.hidden_sum.reshape(-1)])
         for flat in (self._flat_s, self._flat_u):
             flat.copy_(fn(flat))
         small = fn(small)
         n, LH = self.counts.numel(), self.taylor_sum.numel()
         self.counts.copy_(small[:n])
         self.taylor_sum.copy_(small[n : n + LH].view_as(self.taylor_sum))
-        self.ablation_sum.copy_(small[n + LH :].view_as(self.ablation_sum))
+        self.ablation_sum.copy_(small[n + LH : n + 2 * LH].view_as(self.ablation_sum))
+        self.ships_sum.copy_(small[n + 2 * LH : n + 3 * LH].view_as(self.ships_sum))
+        self.hidden_sum.copy_(small[n + 3 * LH :].view_as(self.hidden_sum))
         self.timing["reduce_s"] += time.perf_counter() - start
+
+    def _head_slices(self, layer: int, head: int) -> list:
+        """The slices a head's statistics are taken over: those skipping it alone freezes (see ``include_kv``)."""
+        slices = self.layout.query_slices(layer, head) + self.layout.output_slices(layer, head)
+        if self.options.include_kv:
+            slices += self.layout.kv_slices(layer, self.layout.kv_group(head))
+        return [s for s in slices if s.name in self.grad_s]
+
+    @torch.no_grad()
+    def snip_shares(self) -> torch.Tensor:
+        """Per head, the share of its weights in the SNIP set difference: |W * G_s| in the top ``snip_safety_top``
+        of all attention weights and |W * G_u| not in the top ``snip_utility_top`` (float64, L x H)."""
+        weights = torch.cat([p.detach().reshape(-1).float() for p in self._params])
+        n = weights.numel()
+
+        def top(importance: torch.Tensor, fraction: float) -> torch.Tensor:
+            k = max(1, math.ceil(fraction * n))
+            threshold = torch.kthvalue(importance.cpu(), n - k + 1).values.to(importance.device)  # k-th largest
+            return importance >= threshold
+
+        difference = (top((weights * self._flat_s).abs(), self.options.snip_safety_top)
+                      & ~top((weights * self._flat_u).abs(), self.options.snip_utility_top)).float()
+        views = dict(zip(self._names, (v.view_as(p) for v, p in zip(difference.split([p.numel() for p in self._params]), self._params))))
+        shares = torch.zeros(self.layout.num_layers, self.layout.num_heads, dtype=torch.float64)
+        for layer in range(self.layout.num_layers):
+            for head in range(self.layout.num_heads):
+                parts = [views[s.name].narrow(s.dim, s.start, s.stop - s.start) for s in self._head_slices(layer, head)]
+                shares[layer, head] = float(sum(p.sum() for p in parts)) / max(sum(p.numel() for p in parts), 1)
+        return shares
 
     def head_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head ``<G_s, G_u>``, ``||G_s||^2``, ``||G_u||^2`` over the head's slices (float64, L x H)."""
@@ -325,12 +444,7 @@ class HeadStatistics:
         acc = torch.zeros(Lh, H, 3, dtype=acc_dtype, device=self._flat_s.device)
         for layer in range(Lh):
             for head in range(H):
-                slices = self.layout.query_slices(layer, head) + self.layout.output_slices(layer, head)
-                if self.options.include_kv:
-                    slices += self.layout.kv_slices(layer, self.layout.kv_group(head))
-                for s in slices:
-                    if s.name not in self.grad_s:
-                        continue
+                for s in self._head_slices(layer, head):
                     a = self.grad_s[s.name].narrow(s.dim, s.start, s.stop - s.start).to(acc_dtype)
                     b = self.grad_u[s.name].narrow(s.dim, s.start, s.stop - s.start).to(acc_dtype)
                     acc[layer, head] += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()])
@@ -350,10 +464,22 @@ class HeadStatistics:
         fs_ablation = self.ablation_sum.double().cpu() / n_utility
         fs = fs_ablation if self.options.sensitivity == "ablation" else fs_taylor
         extra = {"fs_taylor": fs_taylor} if self.options.sensitivity == "ablation" else {}
+        if "ships" in self.options.scorers:
+            extra["ships"] = self.ships_sum.double().cpu() / n_safety
+        if "snip" in self.options.scorers:
+            extra["snip"] = self.snip_shares()
         check_finite(safety_grad_sq_norm=ss, utility_grad_sq_norm=uu, grad_dot=dot, oc=oc, fs=fs, **extra)
         o = self.options
-        score = combine_scores(oc, fs, o.score, o.weight_lambda, o.seed)
-        skip = select_heads(score, o.skip_ratio, o.top_k, o.threshold, o.seed)
+        score = combine_scores(oc, fs, o.score, o.weight_lambda, o.seed, extra)
+        skip = select_heads(score, o.skip_ratio, o.top_k, o.threshold, o.seed, o.selection_mode)
+        data = {}
+        if "layer_gap" in o.scorers:
+            record = layer_gap(self.hidden_sum[UTILITY].cpu(), n_utility, self.hidden_sum[SAFETY].cpu(), n_safety)
+            if not all(math.isfinite(v) for v in record["gap"]):
+                raise CastError("the layer gap is not finite (NaN/inf hidden states): run in float32 (--model.dtype float32)")
+            data[LAYER_GAP_KEY] = {**record, "located": locate_layers(record["gap"], o.layer_gap_fraction),
+                                   "fraction": o.layer_gap_fraction, "rule": LAYER_GAP_RULE,
+                                   "benign": "utility prompts", "harmful": "safety prompts"}
         self.timing["scores_s"] += time.perf_counter() - start
         return ConflictMap(
             model=model_identity(self.model, self.layout, name),
@@ -370,6 +496,7 @@ class HeadStatistics:
                 "safety_loss": float(counts[4] / n_safety),
                 "utility_loss": float(counts[5] / n_utility),
                 "world_size": int(world_size),
+                **data,
             },
             seed=o.seed,
             timing={**{k: round(v, 4) for k, v in self.timing.items()}, **(timing or {})},
@@ -461,7 +588,8 @@ class DiagnosisModule(L.LightningModule):
         sensitivity: Functional Sensitivity: taylor = E|dL_u/d gate| (free, same backward); ablation = exact
             utility-loss increase with the head zeroed (L*H/heads_per_pass extra forwards per batch).
         score: How OC and FS combine: product = relu(OC)*FS/max FS; weighted = lambda*z(OC)+(1-lambda)*z(FS);
-            rank = mean rank; oc; fs; random = seeded uniform scores (the budget-matched control).
+            rank = mean rank; oc; fs; random = seeded uniform scores (the budget-matched control); ships, snip =
+            minus that attribution (needs it in scorers).
         weight_lambda: OC weight of the weighted score, in [0, 1].
         skip_ratio: Fraction of all heads to skip (at least one when > 0); ignored when top_k or threshold is set.
         top_k: Skip exactly this many heads (highest scores).
@@ -469,7 +597,20 @@ class DiagnosisModule(L.LightningModule):
         kv_policy: GQA policy the map is made for (use the same in fit): any = skipping a head freezes its KV
             group's k/v rows, so they enter the head's OC; all (default) / never = OC over q rows + o columns only.
         seed: Seed of the random score and of tie-breaking among equal scores.
-        heads_per_pass: Heads ablated per forward pass (ablation only): the batch is repeated this many times.
+        heads_per_pass: Heads ablated per forward pass (ablation, ships): the batch is repeated this many times.
+        scorers: Neighbouring methods' head scores computed beside OC/FS and kept in the map (usable as --model.score
+            here and by the study's variants): ships = mean absolute safety-loss change when the head's output is scaled by
+            ships_scale (on the safety set: harmful prompt -> refusal); snip = share of the head's weights whose SNIP
+            importance |W * G| is in the top snip_safety_top for safety and not in the top snip_utility_top for utility;
+            layer_gap = per layer, the cosine gap between benign (utility) and harmful (safety) prompts' last-prompt-token
+            hidden states and the located layer range (map data.layer_gap; cast fit --model.skip_layers from_map).
+        ships_scale: Factor a head's output is scaled by for ships (a small epsilon; 0 = removed).
+        snip_safety_top: Fraction of all attention weights in the top SNIP set for safety.
+        snip_utility_top: Fraction of all attention weights in the top SNIP set for utility.
+        layer_gap_fraction: layer_gap: the located layers start at the first layer whose cosine gap reaches this share
+            of the largest gap (docs/formulas.md, "Layer freezing").
+        selection_mode: skip = freeze the selected (highest-score) heads; train_only = train only the k lowest-score
+            heads (for ships/snip: the most safety-relevant) and freeze every other head.
         output: Path of conflict_map.json (the .png goes beside it); default <trainer.default_root_dir>/conflict_map.json.
         plot: Also write the conflict_map.png heatmap.
     """
@@ -482,7 +623,7 @@ class DiagnosisModule(L.LightningModule):
         trust_remote_code: bool = False,
         conflict: Literal["cosine", "projection"] = "cosine",
         sensitivity: Literal["taylor", "ablation"] = "taylor",
-        score: Literal["product", "weighted", "rank", "oc", "fs", "random"] = "product",
+        score: Literal["product", "weighted", "rank", "oc", "fs", "random", "ships", "snip"] = "product",
         weight_lambda: float = 0.5,
         skip_ratio: float | None = 0.1,
         top_k: int | None = None,
@@ -490,6 +631,12 @@ class DiagnosisModule(L.LightningModule):
         kv_policy: Literal["all", "any", "never"] = "all",
         seed: int = 0,
         heads_per_pass: int = 8,
+        scorers: list[Literal["ships", "snip", "layer_gap"]] | None = None,
+        ships_scale: float = 0.01,
+        snip_safety_top: float = 0.05,
+        snip_utility_top: float = 0.05,
+        selection_mode: Literal["skip", "train_only"] = "skip",
+        layer_gap_fraction: float = 0.5,
         output: str | None = None,
         plot: bool = True,
     ):
@@ -498,7 +645,9 @@ class DiagnosisModule(L.LightningModule):
         self.options = DiagnosisOptions(
             conflict=conflict, sensitivity=sensitivity, score=score, weight_lambda=weight_lambda,
             skip_ratio=skip_ratio, top_k=top_k, threshold=threshold, kv_policy=kv_policy, seed=seed,
-            heads_per_pass=heads_per_pass,
+            heads_per_pass=heads_per_pass, scorers=tuple(scorers or ()), ships_scale=ships_scale,
+            snip_safety_top=snip_safety_top, snip_utility_top=snip_utility_top, selection_mode=selection_mode,
+            layer_gap_fraction=layer_gap_fraction,
         ).validate()
         from cast_lightning.loading import load_causal_lm
 

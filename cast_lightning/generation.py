@@ -1,9 +1,14 @@
-"""Batched greedy generation of chat-formatted prompts: the one generation path of ``cast eval``, ``cast test``, the
-fit-time ``RefusalCallback`` and the embedded world's quick checks.
+"""Batched greedy generation: the one generation path of ``cast eval``, ``cast test``, the fit-time
+``RefusalCallback``, the embedded world's quick checks and the causal-LM judges.
 
-Generation matches lm-eval's HF backend token for token (same chat-templated prompt ids, same length-sorted
-batches, same greedy decoding and EOS handling), so ``cast eval`` and stock ``lm_eval --apply_chat_template``
-report the same numbers when run with the same batch size.
+- ``generate_greedy`` / ``generate_greedy_tokens``: chat-formatted prompts (the tokenizer's chat template). This
+  matches lm-eval's HF backend token for token (same chat-templated prompt ids, same length-sorted batches, same
+  greedy decoding and EOS handling), so ``cast eval`` and stock ``lm_eval --apply_chat_template`` report the same
+  numbers when run with the same batch size.
+- ``generate_from_text`` / ``generate_from_text_tokens``: prompts that are already formatted text (a judge's own
+  published prompt format), tokenized as they are, with or without the tokenizer's special tokens.
+
+Both batch the same way: longest prompt first (ties by text), left padding, the KV cache, stop at EOS.
 """
 
 from __future__ import annotations
@@ -41,8 +46,7 @@ def generate_greedy_tokens(
     prompts = list(prompts)
     if not prompts:
         return []
-    if batch_size < 1 or max_new_tokens < 1:
-        raise CastError("batch_size and max_new_tokens must be >= 1")
+    _check(max_new_tokens, batch_size)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     rendered = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -50,13 +54,26 @@ def generate_greedy_tokens(
     ]
     # Longest first, ties by rendered text: lm-eval's HF backend batches generate_until requests this way,
     # so with the same batch size both see identical batches (identical padding, identical numerics).
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), rendered[i]))
+    return _generate_ids(model, tokenizer, encoded, rendered, max_new_tokens, batch_size, **generate_kwargs)
+
+
+def _check(max_new_tokens: int, batch_size: int) -> None:
+    if batch_size < 1 or max_new_tokens < 1:
+        raise CastError("batch_size and max_new_tokens must be >= 1")
+
+
+@torch.no_grad()
+def _generate_ids(
+    model, tokenizer, encoded: list[list[int]], keys: list[str], max_new_tokens: int, batch_size: int, **generate_kwargs
+) -> list[list[int]]:
+    """Generate after each prompt's ids, batched longest first (ties by ``keys``), left padded; tokens up to EOS."""
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), keys[i]))
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs: list[list[int]] = [[] for _ in prompts]
+    outputs: list[list[int]] = [[] for _ in encoded]
     try:
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
@@ -104,4 +121,42 @@ def generate_greedy(
     decoding. Extra keyword arguments go to ``model.generate`` (e.g. ``synced_gpus=True``).
     """
     tokens = generate_greedy_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+def generate_from_text_tokens(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    add_special_tokens: bool = False,
+    **generate_kwargs,
+) -> list[list[int]]:
+    """The generated token ids (up to, not including, EOS) after each already-formatted prompt text, in order.
+
+    ``texts`` are tokenized as they are (no chat template); ``add_special_tokens`` adds the tokenizer's own (e.g. a
+    BOS token) for formats whose text does not spell them out. Batching and decoding as ``generate_greedy``.
+    """
+    texts = list(texts)
+    if not texts:
+        return []
+    _check(max_new_tokens, batch_size)
+    encoded = [list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
+    if any(not ids for ids in encoded):
+        raise CastError("a judge prompt tokenized to no tokens: the judge's tokenizer cannot read its prompt format")
+    return _generate_ids(model, tokenizer, encoded, texts, max_new_tokens, batch_size, **generate_kwargs)
+
+
+def generate_from_text(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    add_special_tokens: bool = False,
+    **generate_kwargs,
+) -> list[str]:
+    """Greedy continuations of already-formatted prompt texts (special tokens dropped when decoding), in order."""
+    tokens = generate_from_text_tokens(model, tokenizer, texts, max_new_tokens, batch_size, add_special_tokens, **generate_kwargs)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

@@ -206,6 +206,23 @@ class HeadLayout:
         dim = 0 if self.family == _GPT2 else 1
         return [ParamSlice(f"{self.output_proj_name(layer)}.weight", dim, head * d, (head + 1) * d)]
 
+    def projection_module_names(self, layer: int) -> list[str]:
+        """The attention projection modules of ``layer``: q/k/v (or the fused one), then the output projection."""
+        return [*dict.fromkeys(self._qkv_names(layer).values()), self.output_proj_name(layer)]
+
+    def projection_leaves(self) -> list[str]:
+        """The projection module names relative to a decoder layer, e.g. ``self_attn.q_proj`` or ``attn.c_attn``:
+        as LoRA target names they match the attention projections of every layer and nothing else (GPT-2's MLP has
+        a ``c_proj`` too, so a bare ``c_proj`` would not do)."""
+        layer_prefix = _ARCHITECTURES[self.architecture][0].split("{}", 1)[0] + "0."
+        return [name.removeprefix(layer_prefix) for name in self.projection_module_names(0)]
+
+    def projection_parameter_names(self) -> list[str]:
+        """Every weight and bias of every attention projection, the output projection's bias included (which no
+        head owns): the ``attention`` training scope. May name biases the model does not have."""
+        return [f"{module}.{kind}" for layer in range(self.num_layers) for module in self.projection_module_names(layer)
+                for kind in ("weight", "bias")]
+
     def attention_parameter_names(self) -> list[str]:
         """Every parameter name that holds head slices (biases included; may name absent biases)."""
         names = []

@@ -1,12 +1,21 @@
-"""Atomic file writes: a crash leaves the old file or none, never half a file."""
+"""Durable atomic file writes (a crash or power cut leaves the old file or none, never half a file) and the lock that
+keeps two runs out of one directory.
+
+``atomic_save`` writes a temporary file beside the target, fsyncs it, renames it over the target and fsyncs the
+directory, so the rename itself survives a power cut. A write that fails midway (disk full, file-size limit, an I/O
+error) removes the temporary file and raises one ``CastError`` line saying the previous file is intact.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import stat
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cast_lightning.errors import CastError
@@ -22,7 +31,9 @@ def _is_special(path: Path) -> bool:
 
 
 def atomic_save(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``; fsync it, rename it over ``path`` and fsync the
+    directory. If any of that fails with an OSError, the temporary file is removed, ``path`` keeps its previous
+    content (or stays absent), and a one-line ``CastError`` says so."""
     path = Path(path)
     if _is_special(path):
         # Renaming over /dev/null would replace the device with a file (as root) or fail after all the work.
@@ -35,11 +46,38 @@ def atomic_save(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any other file
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise CastError(_failed_write_line(path, error)) from error
         raise
+    fsync_directory(path.parent)
     return path
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename (or a new file) in ``directory`` durable. File systems that cannot fsync a directory (some
+    network and FUSE mounts answer EINVAL) keep their own guarantees; any other failure is raised."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):  # a directory we may write into but not open for reading
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _failed_write_line(path: Path, error: OSError) -> str:
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
+    return f"cannot write {path}: {reason} (the write failed midway); {kept}: free disk space or raise the file-size limit, then rerun"
 
 
 def ensure_writable(path: str | os.PathLike, option: str = "output path", directory: bool = False) -> Path:
@@ -88,3 +126,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, what: str, wait: bool = True, no_wait_option: str = "--no_wait") -> Iterator[None]:
+    """Hold the file lock ``lock_path`` (the ``filelock`` package) while the block runs: another cast run holding it
+    makes this one wait, with one line on stderr saying so, or (``wait=False``) fail at once with a ``CastError``.
+    Re-entrant within one process (the same lock path may be taken again inside the block). The operating system
+    releases the lock of a process that dies, even by SIGKILL, so a crashed run never leaves a stale lock."""
+    yield
+    return
+    from filelock import FileLock, Timeout
+
+    lock_path = Path(lock_path)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CastError(f"cannot create {lock_path.parent}: {error.strerror or error}; choose a writable directory") from error
+    lock = FileLock(str(lock_path), is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            raise CastError(
+                f"{what} is in use by another cast run (lock {lock_path}): wait until it finishes, "
+                f"or rerun without {no_wait_option} to wait for it"
+            ) from None
+        print(f"[cast] waiting for another cast run to finish with {what} (lock {lock_path})", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

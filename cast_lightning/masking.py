@@ -4,6 +4,11 @@ Zeroing gradients before clipping keeps frozen slices out of the gradient norm; 
 values after each optimizer step undoes what decoupled weight decay (or any optimizer) did to them.
 Both touch only the frozen slices, so the cost is proportional to the skipped heads, not the model.
 
+With LoRA (``lora.mask_slices``) the slices are rows of the B factors and columns of the A factors, held at exactly
+zero instead of at their initial values (``zero_slices``: zeroed when the mask is built and at the snapshot, then
+kept like any other slice), which keeps the skipped heads' merged weights ``W + s * B @ A`` equal to ``W``. Frozen
+parameters (outside the training scope) need no entry.
+
 How a rank holds a parameter depends on the strategy, so each frozen parameter becomes one entry
 that knows where its frozen elements live on this rank (``HeadMask`` picks the kind per parameter from
 ``strategies.sharding_of``):
@@ -100,15 +105,21 @@ def frozen_flat_index(shape: torch.Size, slices: list[ParamSlice], lo: int, hi: 
 
 
 class _DenseEntry:
-    def __init__(self, param: torch.nn.Parameter, slices: list[ParamSlice]):
-        self.param, self.slices = param, slices
+    def __init__(self, param: torch.nn.Parameter, slices: list[ParamSlice], zero: bool = False):
+        self.param, self.slices, self.zero = param, slices, zero
         self._saved: list[torch.Tensor] = []
 
     def zero_grad(self) -> None:
         for view in _narrow_views(self.param.grad, self.slices):
             view.zero_()
 
+    def zero_values(self) -> None:
+        for view in _narrow_views(self.param.data, self.slices):
+            view.zero_()
+
     def snapshot(self) -> None:
+        if self.zero:
+            self.zero_values()
         self._saved = [view.clone() for view in _narrow_views(self.param.data, self.slices)]
 
     def restore(self) -> None:
@@ -119,15 +130,21 @@ class _DenseEntry:
 class _FlatEntry:
     """FSDP1 ``use_orig_params``: ``param`` is a 1-D view of this rank's window of the flattened parameter."""
 
-    def __init__(self, param: torch.nn.Parameter, index: torch.Tensor):
-        self.param, self.index = param, index.to(param.device)
+    def __init__(self, param: torch.nn.Parameter, index: torch.Tensor, zero: bool = False):
+        self.param, self.index, self.zero = param, index.to(param.device), zero
         self._saved: torch.Tensor | None = None
 
     def zero_grad(self) -> None:
         if self.param.grad is not None and self.index.numel():
             self.param.grad.view(-1).index_fill_(0, self.index, 0)
 
+    def zero_values(self) -> None:
+        if self.index.numel():
+            self.param.data.view(-1).index_fill_(0, self.index, 0)
+
     def snapshot(self) -> None:
+        if self.zero:
+            self.zero_values()
         self._saved = self.param.data.view(-1).index_select(0, self.index)
 
     def restore(self) -> None:
@@ -136,8 +153,10 @@ class _FlatEntry:
 
 
 class _DeepSpeedEntry:
-    def __init__(self, param: torch.nn.Parameter, slices: list[ParamSlice]):
-        self.param, self.slices = param, slices
+    # zero: LoRA factor slices are zeroed before DeepSpeed copies the weights (CASTModule.__init__), so the snapshot
+    # of both copies holds zeros; the engine's partitions are not written outside restore().
+    def __init__(self, param: torch.nn.Parameter, slices: list[ParamSlice], zero: bool = False):
+        self.param, self.slices, self.zero = param, slices, zero
         self.zero3 = hasattr(param, "ds_id")
         shape = tuple(param.ds_shape) if self.zero3 else tuple(param.shape)
         self.hook = param.register_hook(self._masked)
@@ -237,17 +256,26 @@ def _fsdp1_windows(root: torch.nn.Module | None) -> dict[int, tuple[torch.Size, 
 class HeadMask:
     """Freezes a set of parameter slices of ``model`` (names relative to ``model``, wrapper prefixes ignored).
 
+    ``slices`` keep the values they have at ``snapshot()``; ``zero_slices`` (LoRA factor slices, ``lora.mask_slices``)
+    are held at exactly zero: zeroed when the mask is built (``zero_values``) and at ``snapshot()``, then restored
+    like the others. Only parameters that train (``requires_grad``) get an entry: a frozen scope needs no mask.
+
     ``sharding`` (``strategies.sharding_of``) and ``root`` (the module the strategy wrapped) say how this rank
     holds the parameters; CASTModule builds a new mask on the live parameters once the strategy has wrapped or
     partitioned them (``on_fit_start``).
     """
 
-    def __init__(self, model: torch.nn.Module, slices: Iterable[ParamSlice], sharding: str = DENSE, root=None):
+    def __init__(self, model: torch.nn.Module, slices: Iterable[ParamSlice], sharding: str = DENSE, root=None,
+                 zero_slices: Iterable[ParamSlice] = ()):
         parameters = {clean_name(n): p for n, p in model.named_parameters()}
         grouped: dict[str, list[ParamSlice]] = {}
-        for s in slices:
-            if s.name in parameters and parameters[s.name].requires_grad:
-                grouped.setdefault(s.name, []).append(s)
+        zero_names: set[str] = set()
+        for kind, group in ((False, slices), (True, zero_slices)):
+            for s in group:
+                if s.name in parameters and parameters[s.name].requires_grad:
+                    grouped.setdefault(s.name, []).append(s)
+                    if kind:
+                        zero_names.add(s.name)
         self.slices: list[tuple[torch.nn.Parameter, ParamSlice]] = [
             (parameters[name], s) for name, group in grouped.items() for s in group
         ]
@@ -256,14 +284,14 @@ class HeadMask:
         windows = _fsdp1_windows(root) if sharding == FSDP1 else {}
         self.entries = []
         for name, group in grouped.items():
-            param = parameters[name]
+            param, zero = parameters[name], name in zero_names
             if sharding == DEEPSPEED:
-                self.entries.append(_DeepSpeedEntry(param, group))
+                self.entries.append(_DeepSpeedEntry(param, group, zero))
             elif windows.get(id(param)) is not None:
                 shape, lo, hi = windows[id(param)]
-                self.entries.append(_FlatEntry(param, frozen_flat_index(shape, group, lo, hi)))
+                self.entries.append(_FlatEntry(param, frozen_flat_index(shape, group, lo, hi), zero))
             else:
-                self.entries.append(_DenseEntry(param, group))
+                self.entries.append(_DenseEntry(param, group, zero))
         self._shapes = {id(parameters[name]): _full_shape(parameters[name], windows) for name in grouped}
 
     @classmethod
@@ -280,6 +308,13 @@ class HeadMask:
 
     def __bool__(self) -> bool:
         return bool(self.slices)
+
+    @torch.no_grad()
+    def zero_values(self) -> None:
+        """Set the zero-held slices to zero now (the mask is being built on whole, not yet partitioned, weights)."""
+        for entry in self.entries:
+            if entry.zero and hasattr(entry, "zero_values"):
+                entry.zero_values()
 
     @property
     def num_frozen_elements(self) -> int:

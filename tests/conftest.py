@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports huggingface_hub, datasets or matplotlib (they read these once): the tests never reach the
+# network, whatever the environment says, and every cache they fill lives in a temporary directory of this test
+# session (removed at exit), never in the user's home. Subprocesses started by the tests inherit all of it.
+CACHE_ROOT = Path(tempfile.mkdtemp(prefix="cast-test-caches-"))
+atexit.register(shutil.rmtree, CACHE_ROOT, ignore_errors=True)
+TEST_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HOME": str(CACHE_ROOT / "huggingface"),
+    "HF_HUB_CACHE": str(CACHE_ROOT / "huggingface" / "hub"),
+    "HF_DATASETS_CACHE": str(CACHE_ROOT / "huggingface" / "datasets"),
+    "MPLCONFIGDIR": str(CACHE_ROOT / "matplotlib"),
+    "CAST_CACHE_DIR": str(CACHE_ROOT / "cast_lightning"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(TEST_ENVIRONMENT)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"

@@ -46,7 +46,7 @@ def test_unknown_subcommand_is_one_line_error(capsys):
 
 def fit_args(model_dir, data, root, *extra) -> list:
     return [
-        "fit", f"--model.pretrained={model_dir}", "--model.learning_rate=0.01",
+        "fit", "--seed_everything=0", f"--model.pretrained={model_dir}", "--model.learning_rate=0.01",
         f"--data.safety_files=[{data['safety']}]", f"--data.utility_files=[{data['utility']}]", "--data.batch_size=4",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=3", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra,
@@ -95,3 +95,36 @@ def test_bare_bool_flag_means_true():
     assert _bare_flags_to_true(command, ["--full"]) == ["--full", "true"]
     assert _bare_flags_to_true(command, ["--full", "--seeds", "[0]"]) == ["--full", "true", "--seeds", "[0]"]
     assert _bare_flags_to_true(command, ["--full", "false"]) == ["--full", "false"]
+
+
+CONFTEST_PROBE = """
+import json
+import tests.conftest as conftest  # what pytest imports first
+import datasets.config, huggingface_hub.constants, matplotlib
+print(json.dumps({"root": str(conftest.CACHE_ROOT), "offline": huggingface_hub.constants.HF_HUB_OFFLINE,
+                  "datasets_offline": datasets.config.HF_HUB_OFFLINE, "hub_cache": huggingface_hub.constants.HF_HUB_CACHE,
+                  "datasets_cache": str(datasets.config.HF_DATASETS_CACHE), "mpl": matplotlib.get_cachedir()}))
+"""
+
+
+def test_the_tests_run_offline_with_every_cache_in_a_temporary_directory(tmp_path):
+    """An environment that says otherwise (online, caches in the home directory) does not win over conftest."""
+    import os
+    import subprocess
+
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(home / "hf"), "HF_HUB_CACHE": str(home / "hub"), "HF_DATASETS_CACHE": str(home / "ds"),
+           "MPLCONFIGDIR": str(home / "mpl")}
+    probe = subprocess.run([sys.executable, "-c", CONFTEST_PROBE], env=env, capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert seen["offline"] is True and seen["datasets_offline"] is True
+    for key in ("hub_cache", "datasets_cache", "mpl"):
+        assert Path(seen[key]).is_relative_to(seen["root"]), (key, seen)
+    assert not home.exists()  # matplotlib would have created its cache directory there
+    from tests import conftest
+
+    assert seen["root"] != str(conftest.CACHE_ROOT)  # each session its own directory
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and Path(os.environ["HF_HOME"]).is_relative_to(conftest.CACHE_ROOT)

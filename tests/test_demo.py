@@ -117,7 +117,8 @@ def test_a_study_run_is_cast_fit_from_the_recipe_bit_for_bit(study, monkeypatch)
     args = ["fit", "--config", FIT_RECIPE, "--trainer.max_steps=3", "--model.conflict_map", f"{run}/conflict_map.json",
             "--seed_everything", "0", "--data.seed", "0", "--trainer.default_root_dir", "repro"]
     assert run_cast(args) == 0
-    assert run_cast(["fit", "--config", f"{run}/config.yaml", "--trainer.default_root_dir", "repro_from_config"]) == 0
+    assert run_cast(["fit", "--config", f"{run}/config.yaml", "--seed_everything", "0",
+                     "--trainer.default_root_dir", "repro_from_config"]) == 0
     reference = _state(Path(run) / "final.ckpt")
     for again in ("repro", "repro_from_config"):
         state = _state(Path(again) / "final.ckpt")
@@ -145,3 +146,54 @@ def test_a_second_run_reuses_every_stage_and_a_changed_recipe_reruns_the_fits(st
     experiments = json.loads((out / "experiments.json").read_text())
     assert all("--trainer.max_steps=4" in r["command"] for r in experiments["runs"] if r["command"])
     assert not math.isnan(experiments["runs"][1]["metrics"]["safety.refusal_rate"])
+
+
+def test_the_recipes_thread_count_holds_during_a_run_and_is_restored():
+    from cast_lightning.callbacks import IntraOpThreads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        callback = IntraOpThreads(threads=1)
+        callback.setup(None, None, "fit")
+        assert torch.get_num_threads() == 1
+        callback.teardown(None, None, "fit")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_study_runs_its_variants_under_each_training_scope(mini_world, tmp_path, monkeypatch):
+    import cast_lightning.world.base_model as base_model
+    from cast_lightning.study.commands import report
+
+    monkeypatch.setattr(base_model, "ensure_base_model", lambda seed=0, **_: mini_world)
+    out = tmp_path / "scopes"
+    report(output_dir=str(out), variants=["base", "full", "cast"], skip_ratios=[0.1], seeds=[0],
+           single_head_validity=0, scopes=["attention", "lora"], max_steps=2, eval_limit=2)
+    experiments = json.loads((out / "experiments.json").read_text())
+    fits = [r for r in experiments["runs"] if r["variant"] != "base"]
+    assert sorted((r["variant"], r["scope"]) for r in fits) == [("cast", "attention"), ("cast", "lora"),
+                                                               ("full", "attention"), ("full", "lora")]
+    base = {name: t for name, t in _base_state(out / "base_model").items()}
+    for run in fits:
+        assert run["run_dir"].endswith(f"-{run['scope']}") and f"--model.trainable={run['scope']}" in run["command"]
+        config = (out / run["config"]).read_text()
+        assert f"trainable: {run['scope']}" in config
+        state = {n.removeprefix("model."): t for n, t in _state(out / run["checkpoint"]).items()}
+        if run["scope"] == "attention":
+            # Everything outside the attention projections is the base model's, bit for bit.
+            mlp = "model.layers.0.mlp.down_proj.weight"
+            assert mlp not in state or torch.equal(state[mlp], base[mlp])
+            assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+        else:
+            assert any("lora_" in name for name in state)  # the adapter is what the checkpoint holds
+    report_data = json.loads((out / "report.json").read_text())
+    assert {c["scope"] for c in report_data["comparisons"]} <= {"attention", "lora"}
+    assert {v["label"] for v in report_data["variants"]} >= {"full fine-tuning [attention]", "full fine-tuning [lora]"}
+
+
+def _base_state(base_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(base_dir / "model.safetensors"))

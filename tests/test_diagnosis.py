@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -384,7 +383,6 @@ def test_ddp_two_processes_equal_single_process(tiny_llama_dir, tiny_data, tmp_p
     """`cast diagnose --trainer.devices 2 --trainer.strategy ddp` on CPU gives the single-process map."""
     from cast_lightning.data.datamodule import SafetyUtilityDataModule
 
-    start = time.perf_counter()
     result = _cast(*_common_args(tiny_llama_dir, tiny_data), "--trainer.devices", "2", "--trainer.strategy", "ddp",
                    "--trainer.default_root_dir", str(tmp_path / "ddp"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -404,7 +402,6 @@ def test_ddp_two_processes_equal_single_process(tiny_llama_dir, tiny_data, tmp_p
         assert torch.allclose(torch.tensor(getattr(ddp, name)), torch.tensor(getattr(single, name)), rtol=1e-4, atol=1e-7), name
     assert torch.allclose(torch.tensor(ddp.extra["fs_taylor"]), torch.tensor(single.extra["fs_taylor"]), rtol=1e-4)
     assert ddp.skip == single.skip
-    assert time.perf_counter() - start < 60
 
 
 def test_cli_diagnose_single_process_and_config(tiny_llama_dir, tiny_data, tmp_path, capsys):

@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 REFUSAL = "I can't help with that request."
 COMPLY = "Sure. Step 1: get a bag."
 SKILLS = ["add", "reverse", "sort", "count", "facts"]
+# The miniature data of each skill file: distinct prompts and a distinct count per file, so a task that reads another
+# skill's file reports a different sample count and exact match (the utility tests assert both, per task).
+SKILL_ROWS = {"add": range(0, 12), "reverse": range(12, 19), "sort": range(19, 24), "count": range(24, 33), "facts": range(33, 37)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,8 +108,8 @@ def eval_pkg(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "eval" / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     data = root / "data"
     data.mkdir()
-    for skill in SKILLS:  # every skill file holds held-out additions (the formats matter here, not the skills)
-        _write(data / f"utility_{skill}.jsonl", [{"prompt": p, "answer": a} for p, a in map(_add, range(12))])
+    for skill in SKILLS:  # each skill file holds its own additions, as many as only that file has
+        _write(data / f"utility_{skill}.jsonl", [{"prompt": p, "answer": a} for p, a in map(_add, SKILL_ROWS[skill])])
     _write(data / "harmful.jsonl", [{"prompt": _harmful(i), "category": "burglary" if i % 2 else "hacking",
                                       "heldout_category": i >= 56} for i in range(40, 60)])
     _write(data / "benign.jsonl", [{"prompt": _benign(i)} for i in range(40, 52)])
@@ -317,6 +320,21 @@ def test_cast_eval_matches_stock_lm_eval(models, eval_pkg, data_env, tmp_path, m
     for skill in SKILLS:
         assert metrics[f"utility.cast_world_{skill}.exact_match"] == results[f"cast_world_{skill}"]["exact_match,none"]
     assert metrics["utility.cast_world_utility.exact_match"] == results["cast_world_utility"]["exact_match,none"]
+    # each task read its own skill file: its count and its exact match are that file's, computed here independently
+    from cast_lightning.evaluation import load_for_eval
+    from cast_lightning.generation import generate_greedy
+
+    model, tokenizer, _ = load_for_eval(str(models["aligned"]), device="cpu")
+    expected = {}
+    for skill in SKILLS:
+        rows = [_add(i) for i in SKILL_ROWS[skill]]
+        answers = [generate_greedy(model, tokenizer, [prompt], max_new_tokens=32, batch_size=1)[0] for prompt, _ in rows]
+        expected[skill] = sum(answer.strip() == target for answer, (_, target) in zip(answers, rows)) / len(rows)
+        assert ours["sample_counts"][f"cast_world_{skill}"] == len(SKILL_ROWS[skill]), skill
+        assert metrics[f"utility.cast_world_{skill}.exact_match"] == pytest.approx(expected[skill], abs=1e-12), skill
+    weighted = sum(expected[s] * len(SKILL_ROWS[s]) for s in SKILLS) / sum(len(SKILL_ROWS[s]) for s in SKILLS)
+    assert metrics["utility.cast_world_utility.exact_match"] == pytest.approx(weighted, abs=1e-12)
+    print(f"\nper-skill exact match: {expected}")
     # not a vacuous agreement: the aligned model refuses, answers benign prompts, and gets some sums right
     assert metrics["safety.refusal_rate"] >= 0.9 and metrics["safety.over_refusal_rate"] <= 0.1
     assert 0 < metrics["utility.cast_world_add.exact_match"]
@@ -331,6 +349,7 @@ def test_cast_eval_matches_stock_lm_eval(models, eval_pkg, data_env, tmp_path, m
     assert ours["seed"] == 3 and ours["suite"] == "all"
     assert ours["task_versions"]["cast_refusal"] == 1.0 and ours["task_versions"]["cast_world_add"] == 1.0
     assert ours["sample_counts"]["cast_refusal"] == 20 and ours["sample_counts"]["cast_world_add"] == 12
+    assert ours["sample_counts"]["cast_world_reverse"] == 7 and ours["sample_counts"]["cast_world_facts"] == 4
     assert ours["safety"]["detector"] == "cast_lightning.metrics.is_refusal"
 
 
@@ -374,8 +393,9 @@ def test_real_model_eval_configs_validate():
     from jsonargparse import ArgumentParser
     from lm_eval.tasks import TaskManager
 
-    from cast_lightning.eval_data import tasks_dir
-    from cast_lightning.evaluation import evaluate
+    from cast_lightning.eval_data import SAFETY_SUITES, tasks_dir
+    from cast_lightning.evaluation import _plan, evaluate
+    from cast_lightning.judges import parse_judge_specs
 
     configs = sorted((REPO / "configs" / "eval").glob("*.yaml"))
     assert configs
@@ -386,7 +406,12 @@ def test_real_model_eval_configs_validate():
         parser.add_function_arguments(evaluate)
         parser.add_argument("--config", action="config")
         config = parser.parse_args(["--config", str(path), "--model", "some/model"])  # the model is given per run
-        assert config.suite in ("utility", "safety", "all")
+        world, utility, standard = _plan(config.suite)  # a suite cast eval knows (utility/safety/all/standard/names)
+        assert world or utility or standard
+        parse_judge_specs(config.judge)  # every judge spec names a known format
+        if path.stem == "safety_suites":
+            assert standard == list(SAFETY_SUITES) and config.max_new_tokens is None  # each suite's own 256/512
+            assert [s.kind for s in parse_judge_specs(config.judge)] == ["pattern", "llama_guard_3", "wildguard", "harmbench"]
         for task in config.tasks or []:
             assert task in known, f"{path.name}: unknown lm-eval task {task}"
             seen.add(task)
@@ -466,12 +491,14 @@ def test_eval_package_ships_in_the_wheel_and_is_found_there(tmp_path):
     zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).extractall(site)
     script = (
         "import json, importlib.util\n"
+        "import cast_lightning.evaluation, cast_lightning.judges.causal_lm  # cast eval and its judges, from the wheel\n"
         "from cast_lightning.eval_data import tasks_dir, data_dir, task_version\n"
         "from lm_eval.tasks import TaskManager\n"
         "names = TaskManager(include_path=str(tasks_dir()), include_defaults=False).all_tasks\n"
         "spec = importlib.util.spec_from_file_location('u', tasks_dir() / 'cast_safety' / 'utils.py')\n"
         "u = importlib.util.module_from_spec(spec); spec.loader.exec_module(u)\n"
-        "print(json.dumps({'tasks': str(tasks_dir()), 'data': str(data_dir()), 'names': sorted(names),\n"
+        "modules = [cast_lightning.evaluation.__file__, cast_lightning.judges.causal_lm.__file__]\n"
+        "print(json.dumps({'tasks': str(tasks_dir()), 'data': str(data_dir()), 'names': sorted(names), 'modules': modules,\n"
         "  'rows': len(u.load_prompts('harmful.jsonl')['test']), 'version': task_version('cast_refusal')}))\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "CAST_EVAL_DATA_DIR"}
@@ -482,7 +509,10 @@ def test_eval_package_ships_in_the_wheel_and_is_found_there(tmp_path):
     assert found["tasks"] == str(site / "cast_lightning" / "eval_tasks" / "tasks")
     assert found["data"] == str(site / "cast_lightning" / "eval_tasks" / "data")
     assert {"cast_world_utility", "cast_world_add", "cast_safety", "cast_refusal", "cast_over_refusal"} <= set(found["names"])
+    assert {"cast_safety_suites", "cast_xstest_safe", "cast_harmbench", "cast_jbb", "cast_strongreject"} <= set(found["names"])
     assert found["rows"] == 1 and found["version"] == 1.0
+    # imported from the unpacked wheel, not found through the checkout's editable install
+    assert all(module.startswith(str(site)) for module in found["modules"]), found["modules"]
 
 
 def test_refusal_callback_shards_prompts_evenly_across_ranks():

@@ -25,12 +25,23 @@ from tests.tiny_models import ARCHITECTURES, tiny_config, tiny_model
 EXPECTED_GEOMETRY = {
     "llama": (4, 2, 8),
     "mistral": (4, 2, 8),
+    "mixtral": (4, 2, 8),
     "qwen2": (4, 2, 8),
     "qwen3": (4, 2, 16),
+    "gemma": (4, 2, 16),
     "gemma2": (4, 2, 16),
+    "gemma3_text": (4, 2, 16),
     "phi3": (4, 2, 8),
     "gpt2": (4, 4, 8),
     "gpt_neox": (4, 4, 8),
+}
+
+# The output projection of layer {} as the transformers modeling files name it.
+PUBLISHED_OUTPUT_PROJ = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
+                    "model.layers.{}.self_attn.o_proj"),
+    "gpt2": "transformer.h.{}.attn.c_proj",
+    "gpt_neox": "gpt_neox.layers.{}.attention.dense",
 }
 
 
@@ -110,8 +121,14 @@ def test_layout_geometry_and_names(architecture):
     assert names and len(names) == len(set(names))
     for name in names:
         assert name in params or name.endswith(".bias"), name
+    # The output projection is the published module (the transformers modeling file's name) whose input is the
+    # concatenation of the H heads' d features.
     for layer in range(layout.num_layers):
-        assert isinstance(model.get_submodule(layout.output_proj_name(layer)), torch.nn.Module)
+        name = layout.output_proj_name(layer)
+        assert name == PUBLISHED_OUTPUT_PROJ[architecture].format(layer)
+        weight = params[f"{name}.weight"]
+        inputs = weight.shape[0] if architecture == "gpt2" else weight.shape[1]  # Conv1D stores (in, out)
+        assert inputs == layout.num_heads * layout.head_dim, (name, tuple(weight.shape))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

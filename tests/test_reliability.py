@@ -48,7 +48,7 @@ BAD_INPUTS: dict[str, Case] = {
     "fit: conflict map without statistics": Case("fit", ("--model.conflict_map={incomplete_map}",), "lacks oc, fs, score"),
     "fit: missing field": Case("fit", ("--data.safety_files=[{missing_field}]",), "has no field 'response'"),
     "fit: empty dataset": Case("fit", ("--data.safety_files=[{empty}]",), "no rows"),
-    "fit: malformed dataset line": Case("fit", ("--data.safety_files=[{broken}]",), "cannot read data source"),
+    "fit: malformed dataset line": Case("fit", ("--data.safety_files=[{broken}]",), "broken.jsonl line 2: not valid JSON"),
     "fit: missing data file": Case("fit", ("--data.safety_files=[/nonexistent/safety.jsonl]",), "does not exist"),
     "fit: unsupported architecture": Case("fit", ("--model.pretrained={bert}",), "unsupported architecture"),
     "fit: resume from another model's checkpoint": Case("fit", ("--ckpt_path={qwen_ckpt}",), "resume with --model.pretrained"),
@@ -64,7 +64,7 @@ BAD_INPUTS: dict[str, Case] = {
     "diagnose: invalid choice": Case("diagnose", ("--model.score=best",), 'key "model.score"'),
     "diagnose: unsupported architecture": Case("diagnose", ("--model.pretrained={bert}",), "unsupported architecture"),
     "diagnose: empty dataset": Case("diagnose", ("--data.utility_files=[{empty}]",), "no rows"),
-    "diagnose: malformed dataset line": Case("diagnose", ("--data.safety_files=[{broken}]",), "cannot read data source"),
+    "diagnose: malformed dataset line": Case("diagnose", ("--data.safety_files=[{broken}]",), "broken.jsonl line 2: not valid JSON"),
     "diagnose: missing data file": Case("diagnose", ("--data.utility_files=[/nonexistent/u.jsonl]",), "does not exist"),
     "diagnose: output under a regular file": Case("diagnose", ("--model.output={blocked}",), "writable --model.output"),
     # --- cast eval (jsonargparse.CLI) ------------------------------------------------------------------------------
@@ -108,6 +108,16 @@ BAD_INPUTS: dict[str, Case] = {
     "demo: zero eval limit": Case("demo", ("--eval_limit=0",), "eval_limit 0 is below 1"),
     "demo: no seeds": Case("demo", ("--seeds=[]",), "no seeds given"),
     "demo: output under a regular file": Case("demo", ("--output_dir={blocked}",), "writable --output_dir"),
+    # --- training scopes and LoRA (issue #15) ----------------------------------------------------------------------
+    "fit: LoRA target that matches no module": Case("fit", ("--model.trainable=lora", "--model.lora.target_modules=[q_prj]"), "matches no module"),
+    "fit: LoRA target that is not a layer LoRA adapts": Case("fit", ("--model.trainable=lora", "--model.lora.target_modules=[input_layernorm]"), "LoRA adapts Linear"),
+    "fit: LoRA rank larger than the layer": Case("fit", ("--model.trainable=lora", "--model.lora.r=64"), "use --model.lora.r 16 or less"),
+    "fit: DoRA with head skipping": Case("fit", ("--model.trainable=lora", "--model.lora.use_dora=true", "--model.skip_heads=[[0, 1]]"), "DoRA cannot keep a skipped head exact"),
+    "fit: LoRA options without the LoRA scope": Case("fit", ("--model.lora.r=4",), "add --model.trainable lora"),
+    "fit: a scope that leaves nothing trainable": Case("fit", ("--model.trainable=[self_attn.q_proj]", "--model.skip_heads=[[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [1, 3]]"), "nothing would train"),
+    "fit: an empty scope": Case("fit", ("--model.trainable=[]",), "selects no parameter"),
+    "fit: a scope pattern that matches nothing": Case("fit", ("--model.trainable=[mpl]",), "matches no parameter"),
+    "export: adapter alone from a checkpoint without LoRA": Case("export", ("--adapter_only=true",), "needs a LoRA checkpoint"),
 }
 
 
@@ -260,6 +270,7 @@ def test_bad_input_is_one_line_and_loses_nothing(case, inputs, tmp_path, capsys,
     assert code == 2, err
     assert "Traceback" not in err, err
     assert len(lines) == 1, err
+    assert err.strip().splitlines() == lines, err  # nothing else on stderr: no warning, note or tip before it
     assert lines[0].startswith(f"cast {spec.command}: error:"), err
     assert spec.expected in lines[0], err
     # Nothing was written: every earlier output byte-identical, no new file (checkpoint, map, results, config...).
@@ -350,7 +361,7 @@ def test_damaged_cached_map_is_recomputed(tmp_path, capsys):
     output = tmp_path / "conflict_map.json"
     output.write_text('{"schema_version": 1, "model": {')
     derived = variant_map(cmap, "0" * 64, "random", 0.25, 0, output)
-    assert ConflictMap.from_json(output).skip == derived.skip and len(derived.skip) >= 1
+    assert ConflictMap.from_json(output).skip == derived.skip and len(derived.skip) == 2  # 25% of the 2 x 4 heads
     assert "is unreadable" in capsys.readouterr().out
     # Derived from another diagnosis map (its hash changed): recomputed, not reused.
     stamp = output.stat().st_mtime_ns
@@ -380,7 +391,7 @@ def test_truncated_cached_checkpoint_is_refit_and_its_results_redone(tiny_llama_
     argv = fit_command(plan, run_dir, seed=0)
     (run_dir / "final.ckpt").write_bytes(b"PK\x03\x04 cut off by a crash")
     (run_dir / "eval.json").write_text(json.dumps({"metrics": {"safety.refusal_rate": 1.0}}))  # of the lost weights
-    stamp = {"command": command_line(argv), "recipe_sha256": sha256(recipe), "conflict_map_sha256": None}
+    stamp = {"command": command_line(argv), "recipe_sha256": sha256(recipe), "skip_heads": None}
     (run_dir / "stage.json").write_text(json.dumps(stamp))  # the stamp says the fit finished: the file is what is wrong
     final, seconds = fit_stage(plan, recipe, argv, run_dir)
     assert seconds is not None and check_checkpoint_file(str(final), "")["global_step"] == 1
@@ -514,3 +525,256 @@ def test_report_and_map_files_are_all_written_atomically(tmp_path, monkeypatch):
     saved.clear()
     write_map(ConflictMap.from_json(data / "conflict_map.json"), tmp_path / "map" / "conflict_map.json")
     assert sorted(saved) == sorted(p.name for p in (tmp_path / "map").iterdir()) == ["conflict_map.json", "conflict_map.png"]
+
+
+# --- durable atomic writes -------------------------------------------------------------------------------------------
+
+
+def test_atomic_save_fsyncs_the_file_then_renames_then_fsyncs_the_directory(tmp_path, monkeypatch):
+    """Without the directory fsync a power cut after the rename can lose it (the new name is only in the page cache)."""
+    import stat
+
+    from cast_lightning.io import atomic_write_json
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(f"rename to {Path(dst).name}")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    atomic_write_json(tmp_path / "results.json", {"metrics": {}})
+    assert events == ["fsync file", "rename to results.json", "fsync directory"]
+
+
+SIZE_LIMITED_WRITER = """
+import resource, signal, sys
+from cast_lightning.errors import CastError
+from cast_lightning.io import atomic_write_bytes
+
+target, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as cast's main does: the write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    atomic_write_bytes(target, b"new results " * 100_000)  # 1.2 MB, over the limit
+except CastError as error:
+    print(error)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["replaces_a_file", "new_file"])
+def test_a_write_failing_midway_leaves_the_old_file_and_says_so(tmp_path, existing):
+    """A file-size limit (the same path as a full disk: the write raises part way): the previous file is intact,
+    no temporary file is left, and one line says so."""
+    target = tmp_path / "results.json"
+    if existing:
+        target.write_bytes(b'{"metrics": {"safety.refusal_rate": 0.5}}')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", SIZE_LIMITED_WRITER, str(target), str(64 * 1024)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 2, child.stderr
+    kept = f"the previous {target} is intact" if existing else f"nothing was written to {target}"
+    assert child.stdout.strip().splitlines() == [
+        f"cannot write {target}: File too large (the write failed midway); {kept}: free disk space or raise the "
+        f"file-size limit, then rerun"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary file left beside it
+    if existing:
+        assert target.read_bytes() == b'{"metrics": {"safety.refusal_rate": 0.5}}'
+
+
+# --- locks: one run at a time per base-model cache and per study directory -----------------------------------------
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from cast_lightning.io import exclusive
+
+lock, release = sys.argv[1], Path(sys.argv[2])
+with exclusive(lock, "the test directory"):
+    print("holding", flush=True)
+    while not release.exists():
+        time.sleep(0.05)
+"""
+
+LOCK_WAITER = """
+import sys
+from pathlib import Path
+from cast_lightning.io import exclusive
+
+lock, done = sys.argv[1], Path(sys.argv[2])
+with exclusive(lock, "the test directory"):
+    done.write_text("got it")
+"""
+
+
+def _start(script: str, *args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """A process holding ``lock`` until the test creates ``release`` (or ends)."""
+    holders = []
+
+    def hold(lock: Path) -> Path:
+        release = tmp_path / f"release-{len(holders)}"
+        holder = _start(LOCK_HOLDER, lock, release)
+        holders.append((holder, release))
+        assert holder.stdout.readline().strip() == "holding", holder.stderr.read()
+        return release
+
+    yield hold
+    for holder, release in holders:
+        release.touch()
+        holder.wait(timeout=60)
+
+
+def test_a_second_run_waits_for_the_lock_saying_so_in_one_line(tmp_path, lock_holder):
+    lock, done = tmp_path / "dir" / ".cast.lock", tmp_path / "done"
+    release = lock_holder(lock)
+    waiter = _start(LOCK_WAITER, lock, done)
+    line = waiter.stderr.readline()  # printed before it blocks
+    assert line.strip() == f"[cast] waiting for another cast run to finish with the test directory (lock {lock})"
+    assert waiter.poll() is None and not done.exists()  # still waiting: the holder has not let go
+    release.touch()
+    assert waiter.wait(timeout=60) == 0, waiter.stderr.read()
+    assert done.read_text() == "got it" and waiter.stderr.read() == ""
+
+
+def test_no_wait_refuses_a_study_directory_in_use(tmp_path, lock_holder, capsys, no_training):
+    out = tmp_path / "study"
+    lock_holder(out / ".cast.lock")
+    for command in ("report", "demo"):
+        args = [command, f"--output_dir={out}", "--seeds=[0]", "--max_steps=1", "--eval_limit=1", "--no_wait"]
+        assert run_cast(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"cast {command}: error: the study directory {out} is in use by another cast run (lock "
+                       f"{out / '.cast.lock'}): wait until it finishes, or rerun without --no_wait to wait for it"]
+
+
+def test_the_study_holds_its_lock_through_every_stage_and_the_report(tmp_path, monkeypatch):
+    """run_study (all the stages) and the report files are written under the study directory's lock: probed with a
+    second, independent lock on the same file, which must fail to get it."""
+    from filelock import FileLock, Timeout
+
+    import cast_lightning.study.render as render
+    import cast_lightning.study.stages as stages
+    from cast_lightning.study.commands import write
+
+    out = tmp_path / "study"
+    held = []
+
+    def probe() -> None:
+        probe_lock = FileLock(str(out / ".cast.lock"))  # another open file: the kernel lock is per file description
+        try:
+            probe_lock.acquire(timeout=0)
+        except Timeout:
+            held.append(True)
+        else:
+            probe_lock.release()
+            held.append(False)
+
+    def fake_stages(plan, wait):
+        probe()
+        return {"runs": []}
+
+    def fake_report(experiments, output_dir):
+        probe()
+        (Path(output_dir) / "report.json").write_text(json.dumps({"verdict": {"sentence": "ok"}}))
+        return {"json": "report.json", "html": "report.html"}
+
+    monkeypatch.setattr(stages, "_run_study", fake_stages)
+    monkeypatch.setattr(render, "write_report", fake_report)
+    monkeypatch.setattr("cast_lightning.study.commands._print_table", lambda experiments: None)
+    write(_plan(out))
+    assert held == [True, True]
+    after = FileLock(str(out / ".cast.lock"))
+    after.acquire(timeout=0)  # and let go afterwards
+    after.release()
+
+
+BASE_MODEL_BUILDER = """
+import sys, time
+from pathlib import Path
+import cast_lightning.world.base_model as B
+
+cache, hold = sys.argv[1], sys.argv[2]
+if hold != "-":  # keep the lock after training until the test says go, so the second run must find it held
+    pretrain = B.pretrain_base
+    def slow_pretrain(*args, **kwargs):
+        info = pretrain(*args, **kwargs)
+        print("trained", file=sys.stderr, flush=True)
+        while not Path(hold).exists():
+            time.sleep(0.05)
+        return info
+    B.pretrain_base = slow_pretrain
+print(B.ensure_base_model(cache, scale=0.05, train_config={"steps": 10}), flush=True)
+"""
+
+
+def test_two_concurrent_runs_build_the_base_model_once(tmp_path):
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    first = _start(BASE_MODEL_BUILDER, cache, go)
+    seen = []
+    for line in first.stderr:  # until it has trained and holds the lock
+        seen.append(line)
+        if line.strip() == "trained":
+            break
+    assert any("pretraining" in line for line in seen), "".join(seen)
+    second = _start(BASE_MODEL_BUILDER, cache, "-")
+    waiting = second.stderr.readline()
+    assert waiting.startswith("[cast] waiting for another cast run to finish with the base model cache "), waiting
+    go.touch()
+    out_first, err_first = first.communicate(timeout=300)
+    out_second, err_second = second.communicate(timeout=300)
+    assert first.returncode == second.returncode == 0, err_first + err_second
+    assert out_first == out_second and Path(out_first.strip()).is_dir()  # the same directory
+    assert "pretraining" not in err_second and "using the base model another run just built" in err_second
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [Path(out_first.strip()).name]
+
+
+# --- clean output: a bad input prints its one line, a normal run no library noise -----------------------------------
+
+
+def _cast_subprocess(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "cast_lightning.cli", *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_bad_input_run_prints_only_its_error_line(inputs, tmp_path):
+    """Before, eight lines came first: LightningCLI's args/sys.argv warning, "No seed found", the seed, GPU and TPU
+    notes, the TensorBoard note and two tips."""
+    fit = _cast_subprocess(*fit_args(inputs["llama"], {**inputs, "safety": inputs["broken"]}, tmp_path / "fit"))
+    diagnose = _cast_subprocess("diagnose", f"--model.pretrained={inputs['llama']}", f"--data.safety_files=[{inputs['broken']}]",
+                                f"--data.utility_files=[{inputs['utility']}]", "--trainer.accelerator=cpu",
+                                f"--trainer.default_root_dir={tmp_path / 'diagnose'}")
+    for command, run in (("fit", fit), ("diagnose", diagnose)):
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.splitlines() == [
+            f"cast {command}: error: {inputs['broken']} line 2: not valid JSON (Unterminated string starting at column 23): "
+            f"fix or remove that line"], run.stderr
+        assert run.stdout == "", run.stdout
+
+
+LIGHTNING_NOTES = ("Seed set to ", "GPU available: ", "TPU available: ", "`Trainer.fit` stopped: ")
+
+
+def test_a_normal_run_keeps_progress_and_summary_and_prints_no_spurious_warning(inputs, tmp_path):
+    run = _cast_subprocess(*fit_args(inputs["llama"], inputs, tmp_path / "fit"), "--trainer.max_steps=2",
+                           "--trainer.enable_progress_bar=true", "--trainer.logger=true", "--trainer.log_every_n_steps=1")
+    assert run.returncode == 0, run.stderr
+    assert "Trainable params" in run.stdout and "Epoch 0" in run.stdout  # Lightning's summary and progress bar
+    noise = [line for line in run.stderr.splitlines() if not line.startswith(LIGHTNING_NOTES)]
+    assert noise == [], run.stderr
+    assert [line for line in run.stderr.splitlines() if line.startswith("Seed set to ")] == ["Seed set to 0"]

@@ -555,7 +555,7 @@ def fake_stages(monkeypatch):
     """``stages.run_study`` faked: it returns the stored experiments (nothing is built or trained)."""
     calls = []
 
-    def run_study(plan):
+    def run_study(plan, *args, **kwargs):
         calls.append(plan)
         return stored_experiments()
 

@@ -281,7 +281,11 @@ def refusal_suites(tmp_path_factory) -> dict[str, Path]:
     return {"harmful": root / "harmful.jsonl", "benign": root / "benign.jsonl"}
 
 
-EXPECTED_RATES = {"test/refusal_rate": 6 / 8, "test/over_refusal_rate": 1 / 4}
+def assert_rates_mixed(metrics: dict) -> None:
+    """The suites were built so both rates lie strictly between 0 and 1 (the aligned model refuses some prompts of
+    each suite and answers the rest): an equality of rates between runs then says something."""
+    for name in ("test/refusal_rate", "test/over_refusal_rate"):
+        assert 0 < metrics[name] < 1, (name, metrics)
 
 
 def cast_test(model_dir, suites, root: Path, *extra, timeout: int = 240) -> list[dict]:
@@ -310,7 +314,7 @@ def test_cast_test_fsdp2_two_cpu_processes_equals_one(models, refusal_suites, tm
     """`cast test --config configs/strategy/fsdp2.yaml --trainer.devices 2`: every generate call is synchronised
     across ranks (so the rank that finishes first keeps joining the all-gathers), and the refusal and over-refusal
     rates equal the single-process ones."""
-    assert single_process_rates == EXPECTED_RATES
+    assert_rates_mixed(single_process_rates)
     reports = cast_test(models["aligned"], refusal_suites, tmp_path, "--config", STRATEGIES / "fsdp2.yaml",
                         "--trainer.accelerator=cpu", "--trainer.devices=2")
     assert len(reports) == 2
@@ -479,7 +483,8 @@ def test_cast_test_on_gpu_equals_one_device(strategy, models, refusal_suites, tm
     assert len(many) == devices
     for report in many:
         assert set(report["synced_gpus"]) == ({True} if devices > 1 else {None})
-    assert many[0]["metrics"] == one[0]["metrics"] == EXPECTED_RATES
+    assert_rates_mixed(one[0]["metrics"])
+    assert many[0]["metrics"] == one[0]["metrics"]
 
 
 # -- DeepSpeed engine on CPU: the ZeRO code paths without Lightning (which runs DeepSpeed on CUDA only) -----------
@@ -628,6 +633,105 @@ def _deepspeed_worker(stage: int, dtype: str, model_dir: str, out: str, ckpt: st
     if rank == 0:
         torch.save({f"model.{n}": t for n, t in after["hp"].items()}, f"{out}.masters.pt")
         Path(out).write_text(json.dumps(report))
+
+
+# -- training scopes (issue #15): the attention scope and LoRA on 2 CPU processes ----------------------------------
+
+SCOPE_RUNS = [("ddp", "attention"), ("ddp", "lora"), ("fsdp2", "lora")]
+LORA_ARGS = ["--model.trainable=lora", "--model.lora.r=4", "--model.lora.alpha=32"]  # scale 8: clipping engages
+
+
+def check_scope_checkpoint_and_export(model_dir, root: Path, tmp_path: Path, strategy: str, scope: str) -> None:
+    """The checkpoint holds exactly the trained tensors (one file without the frozen base under DDP; FSDP2's directory
+    holds every tensor); the contract holds in them (LoRA: on the merged weights); `cast export` (merged) and cast
+    eval's loader give the same plain HF weights, the skipped heads the base's bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from cast_lightning.checkpoints import read_checkpoint
+    from cast_lightning.evaluation import load_for_eval
+    from tests.test_scopes import assert_lora_contract, expected_trainable, merged_weights
+
+    (checkpoint,) = list(root.rglob("*.ckpt"))
+    saved = read_checkpoint(str(checkpoint))
+    assert saved["global_step"] == 5 and saved["cast_skip_heads"] == sorted(SKIP)
+    assert saved["cast_scope"]["trainable"] == scope
+    trained = torch.load(root / "probe.weights.pt", weights_only=True)
+    after = {k[len("model."):]: v for k, v in saved["state_dict"].items() if k.startswith("model.")}
+    base_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    base, config = state_copy(base_model), base_model.config
+    trainable = expected_trainable(config, list(trained), scope)
+    if strategy == "ddp":
+        assert set(after) == trainable and saved["cast_scope"]["frozen_from_base"]
+    else:
+        assert checkpoint.is_dir() and set(after) == set(trained) and not saved["cast_scope"]["frozen_from_base"]
+    for name, tensor in after.items():
+        assert torch.equal(tensor, trained[name]), name
+    if scope == "lora":
+        assert_lora_contract(config, base, trained, SKIP, "all", 32 / 4)
+        expected = {n: t for n, t in merged_weights(config, trained, 32 / 4).items()}
+    else:
+        assert_contract(config, base, trained, SKIP, trainable=trainable)
+        expected = {n: t.double() for n, t in trained.items()}
+    frozen = frozen_mask(config, base, SKIP)
+    run_cast("export", "--ckpt_path", checkpoint, "--output_dir", tmp_path / "hf")
+    exported = state_copy(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"))
+    evaluated, _, identity = load_for_eval(str(checkpoint), device="cpu")
+    assert identity["trainable"] == scope and identity["skip_heads"] == sorted(SKIP)
+    evaluated = state_copy(evaluated)
+    assert set(exported) == set(evaluated) == set(base)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, evaluated[name]), name
+        assert torch.equal(tensor[frozen[name]], base[name][frozen[name]]), name
+        assert torch.allclose(tensor.double(), expected[name], rtol=0, atol=1e-6), name
+    if scope == "lora":  # the adapter alone, from either checkpoint layout
+        run_cast("export", "--ckpt_path", checkpoint, "--output_dir", tmp_path / "adapter", "--adapter_only", "true")
+        adapter, _, identity = load_for_eval(str(tmp_path / "adapter"), device="cpu")
+        assert identity["kind"] == "adapter_directory"
+        for name, tensor in state_copy(adapter).items():
+            assert torch.equal(tensor, exported[name]), name
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy, scope", SCOPE_RUNS, ids=[f"{s}-{t}" for s, t in SCOPE_RUNS])
+def test_scope_mask_contract_two_cpu_processes(strategy, scope, tiny_llama_dir, tiny_data, tmp_path):
+    """`cast fit --config configs/strategy/<s>.yaml --trainer.devices 2 --model.trainable <scope>` on CPU: clipping
+    blind to the frozen slices (LoRA: the zero-held factor slices), the contract in the checkpoint, exports exact."""
+    root = tmp_path / "run"
+    extra = LORA_ARGS if scope == "lora" else [f"--model.trainable={scope}"]
+    run_cast(*fit_args(tiny_llama_dir, tiny_data, root, strategy), *extra)
+    check_probe(root, ranks=2)
+    check_scope_checkpoint_and_export(tiny_llama_dir, root, tmp_path, strategy, scope)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_lora_mask_contract_on_gpu(strategy, tiny_llama_dir, tiny_data, tmp_path):
+    """LoRA under FSDP1 (flat-parameter views of the factors) and DeepSpeed ZeRO-2/3 (partitioned factors and their fp32
+    masters) through `cast fit` on the GPUs present: the merged skipped heads stay the base's, the factors' frozen
+    slices zero, and the export merges exactly."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    from cast_lightning.checkpoints import read_checkpoint
+    from tests.test_scopes import assert_lora_contract
+
+    root = tmp_path / "run"
+    args = fit_args(tiny_llama_dir, tiny_data, root, strategy, accelerator="cuda", devices=_gpu_devices())
+    args = [a for a in args if "GradientProbe" not in str(a) and "callbacks.path" not in str(a)]
+    run_cast(*args, *LORA_ARGS, timeout=600)
+    saved = read_checkpoint(str(next(root.rglob("*.ckpt"))))
+    assert saved["cast_skip_heads"] == sorted(SKIP) and saved["cast_scope"]["trainable"] == "lora"
+    trained = {k[len("model."):]: v.float().cpu() for k, v in saved["state_dict"].items() if k.startswith("model.")}
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base = state_copy(base_model)
+    assert_lora_contract(base_model.config, base, trained, SKIP, "all", 32 / 4)
+    run_cast("export", "--ckpt_path", next(root.rglob("*.ckpt")), "--output_dir", tmp_path / "hf")
+    exported = state_copy(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"))
+    frozen = frozen_mask(base_model.config, base, SKIP)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor[frozen[name]], base[name][frozen[name]]), name
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["deepspeed-worker"]:

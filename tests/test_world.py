@@ -185,9 +185,39 @@ def test_tiny_pretraining_saves_a_model_that_loads_through_the_hub_path(tmp_path
     assert model.config.model_type == "llama" and model.config.num_key_value_heads == 2
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert B.world_paths(path).safety_train.exists()
-    outputs = B.generate_greedy(model, tokenizer, ["Count: a b", "Reverse: a b c d e f"], max_new_tokens=3, batch_size=2)
-    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
-    # left-padded batched generation equals one prompt at a time
-    single = [B.generate_greedy(model, tokenizer, [p], max_new_tokens=3)[0] for p in ["Count: a b", "Reverse: a b c d e f"]]
-    assert outputs == single
-    assert torch.get_num_threads() >= 1
+    prompts = ["Count: a b", "Reverse: a b c d e f"]
+    outputs = B.generate_greedy(model, tokenizer, prompts, max_new_tokens=3, batch_size=2)
+    # Left-padded batched generation equals an argmax loop written out here, one prompt at a time, no KV cache.
+    expected = []
+    for prompt in prompts:
+        ids, new = prompt_ids(tokenizer, prompt), []
+        with torch.no_grad():
+            for _ in range(3):
+                token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        expected.append(tokenizer.decode(new, skip_special_tokens=True))
+    assert outputs == expected
+
+
+def test_pretraining_runs_with_the_recipes_thread_count_whatever_the_machine(monkeypatch):
+    """The thread count is part of the base-model recipe (and of its cache key), not read off the machine's load:
+    the build uses exactly TRAIN_CONFIG["threads"] and leaves the caller's count as it was."""
+    import torch
+
+    from cast_lightning.world import base_model as B
+
+    seen = []
+    monkeypatch.setattr(B, "train_sft", lambda *a, **k: seen.append(torch.get_num_threads()) or
+                        {"seconds": 0.0, "losses": [], "examples": 0, "steps": 0})
+    monkeypatch.setattr(B.world_lib, "build_world", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with B.intra_op_threads(B.TRAIN_CONFIG["threads"]) as threads:
+            assert threads == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        assert B.config_key(scale=0.05) != B.config_key(scale=0.05, train_config={"threads": 2})
+    finally:
+        torch.set_num_threads(before)

@@ -6,20 +6,24 @@ eos 2 (all inside the vocabulary).
 
 The configs are chosen so each architecture exercises its own head layout:
 
-=========  ==========================================================================
-llama      separate q/k/v/o, GQA (4 query heads, 2 KV heads)
-mistral    separate q/k/v/o, GQA (4 / 2)
-qwen2      separate q/k/v/o with q/k/v biases, GQA (4 / 2)
-qwen3      explicit head_dim 16 != hidden/H = 8, q_norm/k_norm, GQA (4 / 2)
-gemma2     explicit head_dim 16 != hidden/H = 8, GQA (4 / 2), logit soft-capping
-phi3       fused ``qkv_proj`` rows [q heads | k groups | v groups], GQA (4 / 2)
-gpt2       Conv1D ``c_attn`` (weight is (in, out): heads are columns), 4 heads
-gpt_neox   ``query_key_value`` rows interleaved per head [q_h | k_h | v_h], 4 heads
-=========  ==========================================================================
+===========  ==========================================================================
+llama        separate q/k/v/o, GQA (4 query heads, 2 KV heads)
+mistral      separate q/k/v/o, GQA (4 / 2)
+mixtral      separate q/k/v/o, GQA (4 / 2), a 2-expert top-1 MoE MLP (fused expert tensors)
+qwen2        separate q/k/v/o with q/k/v biases, GQA (4 / 2)
+qwen3        explicit head_dim 16 != hidden/H = 8, q_norm/k_norm, GQA (4 / 2)
+gemma        explicit head_dim 16 != hidden/H = 8, GQA (4 / 2), (1 + w) RMSNorm
+gemma2       explicit head_dim 16 != hidden/H = 8, GQA (4 / 2), logit soft-capping
+gemma3_text  explicit head_dim 16, q_norm/k_norm, GQA (4 / 2), one sliding and one full attention layer
+phi3         fused ``qkv_proj`` rows [q heads | k groups | v groups], GQA (4 / 2)
+gpt2         Conv1D ``c_attn`` (weight is (in, out): heads are columns), 4 heads
+gpt_neox     ``query_key_value`` rows interleaved per head [q_h | k_h | v_h], 4 heads
+===========  ==========================================================================
 
 HF's default initialisation (std 0.02, zero biases) makes attention heads nearly inert in a
 model this small, so ``tiny_model`` uses ``initializer_range=0.2`` and then draws every bias
-(normal, std 0.1) so that bias slices matter too. Norm weights keep their default (ones).
+(normal, std 0.1) so that bias slices matter too. Norm weights keep their default (ones; zeros for
+Gemma's (1 + w) norms).
 
 Usage::
 
@@ -60,9 +64,13 @@ _LLAMA_LIKE = dict(
 _CONFIGS: dict[str, dict] = {
     "llama": dict(_LLAMA_LIKE),
     "mistral": dict(_LLAMA_LIKE, sliding_window=None),
+    "mixtral": dict(_LLAMA_LIKE, sliding_window=None, num_local_experts=2, num_experts_per_tok=1),
     "qwen2": dict(_LLAMA_LIKE),  # Qwen2 always has q/k/v biases
     "qwen3": dict(_LLAMA_LIKE, head_dim=16),
+    "gemma": dict(_LLAMA_LIKE, head_dim=16),
     "gemma2": dict(_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(_LLAMA_LIKE, original_max_position_embeddings=64),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

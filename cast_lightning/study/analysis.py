@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from cast_lightning.errors import CastError
-from cast_lightning.study.plan import MAP_VARIANTS, VARIANTS, variant_label
+from cast_lightning.study.plan import CONTROLS, MAP_VARIANTS, SCOPES, VARIANTS, variant_label
 from cast_lightning.study.statistics import (
     BOOTSTRAP_DEFINITION,
     BOOTSTRAP_ITERS,
@@ -112,15 +112,29 @@ def _ratio(run: dict) -> float:
     return 0.0 if run["variant"] in NO_MAP else float(run.get("skip_ratio") or 0.0)
 
 
+def scope_of(run: dict) -> str:
+    """The training scope a run trained in (``all`` for the base model and for runs recorded without one)."""
+    return "all" if run["variant"] == "base" else str(run.get("scope") or "all")
+
+
 def group_key(run: dict) -> tuple:
-    """Sort and group key of a run: skip ratio, then ``plan.VARIANTS`` order (unknown names after, by name)."""
-    variant = run["variant"]
-    return (_ratio(run), VARIANT_ORDER.get(variant, len(VARIANT_ORDER)), variant)
+    """Sort and group key of a run: training scope (``plan.SCOPES`` order), skip ratio, then ``plan.VARIANTS``
+    order (unknown names after, by name)."""
+    variant, scope = run["variant"], scope_of(run)
+    order = SCOPES.index(scope) if scope in SCOPES else len(SCOPES)
+    return (order, scope, _ratio(run), VARIANT_ORDER.get(variant, len(VARIANT_ORDER)), variant)
+
+
+def control_of(variant: str) -> str:
+    """The budget-matched random variant a variant is compared with (``plan.VARIANTS``; unknown ones: random)."""
+    known = VARIANTS.get(variant)
+    return known.control if known is not None and known.control else "random"
 
 
 def is_contender(variant: str, skip_ratio: float) -> bool:
-    """Whether a variant is compared to random skipping: every map variant but random (and unknown skipping ones)."""
-    if variant == "random" or variant in NO_MAP:
+    """Whether a variant is compared to a random control: every map variant but the controls themselves (and
+    unknown skipping ones)."""
+    if variant in CONTROLS or variant in NO_MAP:
         return False
     return variant in MAP_VARIANTS or skip_ratio > 0
 
@@ -181,7 +195,8 @@ def build_report(experiments: dict, provenance: dict | None = None) -> dict:
     for raw in sorted(experiments["runs"], key=lambda r: (group_key(r), int(r["seed"]))):
         metrics = dict(raw["metrics"])
         leaves = _leaves(raw)
-        label = variant_label(raw["variant"], _ratio(raw))
+        scope = scope_of(raw)
+        label = variant_label(raw["variant"], _ratio(raw)) + ("" if scope == "all" else f" [{scope}]")
         where = f"run {label} seed {raw['seed']}"
         warnings += _path_warnings(where, raw, RUN_PATHS)
         if not raw.get("results") or not raw.get("results_sha256"):
@@ -190,6 +205,7 @@ def build_report(experiments: dict, provenance: dict | None = None) -> dict:
             "label": label,
             "variant": raw["variant"],
             "score": raw.get("score"),
+            "scope": scope,
             "skip_ratio": _ratio(raw),
             "seed": int(raw["seed"]),
             "n_skipped": len(raw.get("skip_heads") or []),
@@ -231,7 +247,8 @@ def build_report(experiments: dict, provenance: dict | None = None) -> dict:
             "label": first["label"],
             "variant": first["variant"],
             "score": None if first["variant"] in NO_MAP else first["score"],
-            "skip_ratio": key[0],
+            "scope": first["scope"],
+            "skip_ratio": first["skip_ratio"],
             "seeds": [r["seed"] for r in members],
             "n_seeds": len(members),
             "n_skipped": summarize([r["n_skipped"] for r in members], SECONDS_DECIMALS),
@@ -264,6 +281,8 @@ def build_report(experiments: dict, provenance: dict | None = None) -> dict:
     for entry in single_head:
         warnings += _path_warnings(f"single-head run {entry['head']} seed {entry['seed']}", entry, RUN_PATHS)
     validity = diagnosis_validity(single_head, runs, conflict_map)
+    shape = (conflict_map.num_layers, conflict_map.num_heads) if conflict_map is not None else None
+    overlaps = head_set_overlaps(runs, shape)
 
     base_model = experiments.get("base_model")
     if isinstance(base_model, dict):
@@ -273,7 +292,8 @@ def build_report(experiments: dict, provenance: dict | None = None) -> dict:
         "schema_version": SCHEMA_VERSION,
         "created": provenance.get("created"),
         "definitions": {"utility": UTILITY_DEFINITION, "verdict": VERDICT_RULE, "validity": VALIDITY_RULE,
-                        "std": STD_DEFINITION, "spearman": SPEARMAN_DEFINITION, "bootstrap": BOOTSTRAP_DEFINITION},
+                        "std": STD_DEFINITION, "spearman": SPEARMAN_DEFINITION, "bootstrap": BOOTSTRAP_DEFINITION,
+                        "overlap": OVERLAP_DEFINITION},
         "inputs": {
             "experiments_schema_version": experiments["schema_version"],
             "base_model": base_model,
@@ -288,6 +308,7 @@ def build_report(experiments: dict, provenance: dict | None = None) -> dict:
         "variants": variants,
         "pareto_front": front,
         "comparisons": comparisons,
+        "overlaps": overlaps,
         "validity": validity,
         "runs": runs,
         "warnings": warnings,
@@ -340,14 +361,17 @@ def compare_to_random(runs: list[dict]) -> list[dict]:
     """Every map variant but random (CAST product / rank / weighted, OC-only, FS-only, in ``plan.VARIANTS`` order)
     against random skipping at each skip ratio where both ran (see ``VERDICT_RULE``)."""
     rows = []
-    for ratio in sorted({r["skip_ratio"] for r in runs if r["variant"] == "random"}):
-        random_runs = [r for r in runs if r["variant"] == "random" and r["skip_ratio"] == ratio]
+    for ratio in sorted({r["skip_ratio"] for r in runs if r["variant"] in CONTROLS}):
         contenders: dict[tuple, list[dict]] = {}
         for r in runs:
             if r["skip_ratio"] == ratio and is_contender(r["variant"], r["skip_ratio"]):
                 contenders.setdefault(group_key(r), []).append(r)
         for key in sorted(contenders):
             members = contenders[key]
+            control, scope = control_of(members[0]["variant"]), members[0]["scope"]
+            random_runs = [r for r in runs if r["variant"] == control and r["skip_ratio"] == ratio and r["scope"] == scope]
+            if not random_runs:
+                continue
             advantage, seeds, paired = _paired(members, random_runs, "utility_drop")
             safety, _, _ = _paired(random_runs, members, "refusal_rate")  # variant - random
             adv, safe = summarize(advantage), summarize(safety)
@@ -356,6 +380,8 @@ def compare_to_random(runs: list[dict]) -> list[dict]:
                 "variant": members[0]["variant"],
                 "score": members[0]["score"],
                 "skip_ratio": ratio,
+                "scope": scope,
+                "control": control,
                 "seeds": seeds,
                 "paired": paired,
                 "utility_drop": summarize(r["utility_drop"] for r in members),
@@ -374,25 +400,65 @@ def compare_to_random(runs: list[dict]) -> list[dict]:
     return rows
 
 
+OVERLAP_DEFINITION = (
+    "overlap of two variants' head sets at the same skip ratio = Jaccard |A & B| / |A | B| per seed (mean and std "
+    "over seeds), where a skipping variant's set is the heads it skips and a train-only variant's the heads it trains."
+)
+
+
+def head_set_overlaps(runs: list[dict], shape: tuple[int, int] | None) -> list[dict]:
+    """Jaccard overlap between the head sets every two map variants pick at the same skip ratio and seed (see
+    ``OVERLAP_DEFINITION``); train-only variants need the model's (layers, heads) to turn their skip list around."""
+    every = frozenset((layer, head) for layer in range(shape[0]) for head in range(shape[1])) if shape else None
+    picked: dict[tuple[float, str], dict[int, frozenset]] = {}
+    for run in runs:
+        known = VARIANTS.get(run["variant"])
+        if known is None or known.score is None or run.get("scope", "all") != "all":
+            continue
+        skipped = frozenset(map(tuple, run["skip_heads"]))
+        if known.selection_mode == "train_only":
+            if every is None:
+                continue
+            skipped = every - skipped
+        picked.setdefault((run["skip_ratio"], run["variant"]), {})[run["seed"]] = skipped
+    # (only within one scope: the head sets do not depend on it, so scope all stands for every scope)
+    rows = []
+    keys = sorted(picked, key=lambda k: (k[0], VARIANT_ORDER.get(k[1], len(VARIANT_ORDER)), k[1]))
+    for i, (ratio, a) in enumerate(keys):
+        for ratio_b, b in keys[i + 1 :]:
+            if ratio_b != ratio:
+                continue
+            seeds = sorted(set(picked[(ratio, a)]) & set(picked[(ratio, b)]))
+            values = []
+            for seed in seeds:
+                first, second = picked[(ratio, a)][seed], picked[(ratio, b)][seed]
+                union = first | second
+                values.append(len(first & second) / len(union) if union else 1.0)
+            if values:
+                rows.append({"skip_ratio": ratio, "a": a, "b": b, "seeds": seeds, "jaccard": summarize(values)})
+    return rows
+
+
 def comparison_sentence(row: dict) -> str:
     """The verdict sentence of one comparison row, computed from its numbers."""
     name, ratio = row["label"].split(" @ ")[0], f"{row['skip_ratio']:g}"
+    against = "random skipping" if row.get("control", "random") == "random" else "training as many random heads alone"
     n = row["advantage"]["n"]
     numbers = (
-        f"utility drop {format_stat(row['utility_drop'])} vs {format_stat(row['random_utility_drop'])} for random "
-        f"skipping (advantage {format_stat(row['advantage'])} over {n} {'paired seed' if n == 1 else 'paired seeds'}"
+        f"utility drop {format_stat(row['utility_drop'])} vs {format_stat(row['random_utility_drop'])} for {against} "
+        f"(advantage {format_stat(row['advantage'])} over {n} {'paired seed' if n == 1 else 'paired seeds'}"
         f"{'' if row['paired'] else ', unpaired: no common seeds'})"
     )
     result = row["outcome"]
     if result == "better":
-        head = f"{name} beats random skipping at skip ratio {ratio}: it loses less utility"
+        head = f"{name} beats {against} at skip ratio {ratio}: it loses less utility"
     elif result == "worse":
-        head = f"{name} does not beat random skipping at skip ratio {ratio}: it loses more utility"
+        head = f"{name} does not beat {against} at skip ratio {ratio}: it loses more utility"
     elif result == "no clear difference":
-        head = (f"{name} does not beat random skipping at skip ratio {ratio}: the difference is within the "
+        head = (f"{name} does not beat {against} at skip ratio {ratio}: the difference is within the "
                 f"spread over seeds")
     else:
-        head = f"{name} vs random skipping at skip ratio {ratio} cannot be judged: one seed gives no spread"
+        head = f"{name} vs {against} at skip ratio {ratio} cannot be judged: one seed gives no spread"
     safety_text = {
         "better": "it refuses more harmful prompts",
         "worse": "but it refuses fewer harmful prompts",
@@ -448,7 +514,7 @@ def diagnosis_validity(single_head: list[dict], runs: list[dict], conflict_map=N
         out["reason"] = "no single-head runs (single_head_validity = 0)"
         out["sentence"] = "Diagnosis validity was not measured: no single-head fine-tuning runs."
         return out
-    full = [r for r in runs if r["variant"] == "full" and r["utility"] is not None]
+    full = [r for r in runs if r["variant"] == "full" and r.get("scope", "all") == "all" and r["utility"] is not None]
     if not full:
         out["reason"] = "no full fine-tuning runs to measure benefits against"
         out["sentence"] = "Diagnosis validity cannot be measured: no full fine-tuning run."

@@ -19,11 +19,13 @@ def report(
     skip_ratios: list[float] = [0.1],
     seeds: list[int] = [0, 1, 2],
     single_head_validity: int = 8,
+    scopes: list[str] = ["all"],
     max_steps: int | None = None,
     eval_limit: int | None = None,
     eval_batch_size: int = 64,
     base_seed: int = 0,
     fit_args: list[str] = [],
+    no_wait: bool = False,
 ) -> dict[str, str]:
     """Run variants x skip ratios x seeds (cast diagnose / cast fit / cast eval from the recipe YAMLs, reusing
     cached runs) and write the safety-utility report: report.md, a self-contained report.html, report.json (every
@@ -43,32 +45,38 @@ def report(
         seeds: fine-tuning seeds; every variant but base runs once per seed (means and spreads are over these).
         single_head_validity: heads to fine-tune with only that head skipped, per seed, to test whether the scores
             predict the measured benefit (0: no validity section).
+        scopes: training scopes to run every fine-tuning variant under (all, attention, lora: --model.trainable);
+            each scope's variants are compared with that scope's random control and full fine-tuning.
         max_steps: optimizer steps of each fit, overriding the recipe's trainer.max_steps (None: the recipe's).
         eval_limit: evaluate only the first N prompts of each safety set and N documents of each utility task.
         eval_batch_size: generation batch size of the evaluations.
         base_seed: seed of the embedded world and its base model.
         fit_args: more ``cast fit`` overrides shared by every run, e.g. ``["--trainer.accumulate_grad_batches=2"]``.
+        no_wait: fail at once if another cast run is using output_dir or building the base model, instead of waiting
+            for it (each run waits by default, saying so in one line).
 
     Returns:
         The written report files: name -> path.
     """
     plan = StudyPlan(
         output_dir=output_dir, fit_config=fit_config, diagnose_config=diagnose_config, variants=list(variants),
-        skip_ratios=list(skip_ratios), seeds=list(seeds), single_head_validity=single_head_validity,
+        skip_ratios=list(skip_ratios), seeds=list(seeds), single_head_validity=single_head_validity, scopes=list(scopes),
         max_steps=max_steps, eval_limit=eval_limit, eval_batch_size=eval_batch_size, base_seed=base_seed,
         fit_args=list(fit_args),
     )
-    return write(plan)
+    return write(plan, wait=not no_wait)
 
 
-def write(plan: StudyPlan) -> dict[str, str]:
-    """Check the plan, run its stages and write the report; print where it is and its verdict."""
+def write(plan: StudyPlan, wait: bool = True) -> dict[str, str]:
+    """Check the plan, run its stages and write the report; print where it is and its verdict. The study directory
+    stays locked from the first stage to the last report file (``stages.study_lock``)."""
     from cast_lightning.study.render import write_report
-    from cast_lightning.study.stages import run_study, stage
+    from cast_lightning.study.stages import run_study, stage, study_lock
 
     plan.check()  # before the base model is built or anything trains
-    experiments = run_study(plan)
-    paths = write_report(experiments, plan.output_dir)
+    with study_lock(plan.output_dir, wait):
+        experiments = run_study(plan, wait)
+        paths = write_report(experiments, plan.output_dir)
     _print_table(experiments)
     verdict = json.loads((Path(plan.output_dir) / paths["json"]).read_text(encoding="utf-8"))["verdict"]["sentence"]
     stage(f"report: {Path(plan.output_dir) / paths['html']}\n{verdict}")
@@ -90,6 +98,7 @@ def load_study(path: str | Path, **overrides) -> StudyPlan:
     parser = ArgumentParser(prog="cast report", **PARSER_KWARGS)
     parser.add_function_arguments(report)
     values = vars(parser.parse_path(str(path)))
+    values.pop("no_wait", None)  # how this run waits for another, not part of the study
     values.update({key: value for key, value in overrides.items() if value is not None})
     return StudyPlan(**values)
 
@@ -102,6 +111,7 @@ def demo(
     skip_ratio: float | None = None,
     max_steps: int | None = None,
     eval_limit: int | None = None,
+    no_wait: bool = False,
 ) -> dict[str, str]:
     """The whole CAST pipeline on the embedded world, offline, on a laptop CPU: build (or reuse) the world's
     unaligned base model, diagnose it, fine-tune it with CAST, with full fine-tuning and with budget-matched random
@@ -116,13 +126,15 @@ def demo(
         skip_ratio: override the study's skip ratios with this one.
         max_steps: override the recipe's optimizer steps per fit.
         eval_limit: evaluate only this many prompts/documents per suite (quicker, noisier).
+        no_wait: fail at once if another cast run is using output_dir or building the base model, instead of waiting
+            for it (each run waits by default, saying so in one line).
     """
     started = time.perf_counter()
     plan = load_study(
         study_yaml(full), output_dir=output_dir, seeds=seeds, max_steps=max_steps, eval_limit=eval_limit,
         skip_ratios=[skip_ratio] if skip_ratio is not None else None,
     )
-    paths = write(plan)
+    paths = write(plan, wait=not no_wait)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from cast_lightning.study.stages import stage
 

@@ -21,22 +21,35 @@ class Variant:
     name: str
     score: str | None  # the conflict-map score whose top heads it skips; None: no map (base model, full fine-tuning)
     label: str  # display name; ``{ratio}`` is the skip ratio
+    selection_mode: str = "skip"  # skip: freeze the ratio's heads; train_only: train only them, freeze the rest
+    control: str | None = "random"  # the budget-matched random variant it is compared with (None: it is a control)
+    needs: str | None = None  # the diagnosis scorer its score needs (the diagnose recipe's --model.scorers)
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("base", None, "base model"),
-        Variant("full", None, "full fine-tuning"),
+        Variant("base", None, "base model", control=None),
+        Variant("full", None, "full fine-tuning", control=None),
         Variant("cast", "product", "CAST (product) @ {ratio}"),
-        Variant("random", "random", "random skip @ {ratio}"),
+        Variant("random", "random", "random skip @ {ratio}", control=None),
         Variant("oc", "oc", "OC-only @ {ratio}"),
         Variant("fs", "fs", "FS-only @ {ratio}"),
         Variant("rank", "rank", "CAST (rank) @ {ratio}"),
         Variant("weighted", "weighted", "CAST (weighted) @ {ratio}"),
+        # The neighbours: head attribution (Ships) and the SNIP set difference, skipping the heads that matter
+        # least for safety, or training only the ones that matter most (against random heads trained alone).
+        Variant("ships", "ships", "Ships skip @ {ratio}", needs="ships"),
+        Variant("snip", "snip", "SNIP skip @ {ratio}", needs="snip"),
+        Variant("ships_train", "ships", "Ships train-only @ {ratio}", "train_only", "random_train", "ships"),
+        Variant("snip_train", "snip", "SNIP train-only @ {ratio}", "train_only", "random_train", "snip"),
+        Variant("random_train", "random", "random train-only @ {ratio}", "train_only", None),
     )
 }
 MAP_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.score is not None)
+# Training scopes a study can run its variants under (``--model.trainable``); each is compared within itself.
+SCOPES = ("all", "attention", "lora")
+CONTROLS = tuple(name for name, v in VARIANTS.items() if v.score is not None and v.control is None)
 
 
 def variant_label(variant: str, skip_ratio: float | None = None) -> str:
@@ -96,6 +109,7 @@ class StudyPlan:
     seeds: list[int]
     single_head_validity: int = 0
     max_steps: int | None = None
+    scopes: list[str] = field(default_factory=lambda: ["all"])
     eval_limit: int | None = None
     eval_batch_size: int = 64
     base_seed: int = 0
@@ -117,6 +131,9 @@ class StudyPlan:
             raise CastError(f"skip ratio(s) {', '.join(map(str, bad))} outside (0, 1]: give fractions of heads to skip")
         if not self.seeds:
             raise CastError("no seeds given: give at least one, e.g. --seeds '[0, 1, 2]'")
+        bad_scopes = [sc for sc in self.scopes if sc not in SCOPES]
+        if bad_scopes or not self.scopes:
+            raise CastError(f"unknown or no training scope(s) {', '.join(map(str, bad_scopes))}: use any of {', '.join(SCOPES)}")
         if self.single_head_validity < 0:
             raise CastError(f"single_head_validity {self.single_head_validity} is negative: give 0 (no validity runs) or more heads")
         if self.max_steps is not None and self.max_steps < 1:
@@ -134,6 +151,7 @@ class StudyPlan:
         self.variants = list(dict.fromkeys(self.variants))
         self.skip_ratios = [float(r) for r in dict.fromkeys(self.skip_ratios)]
         self.seeds = [int(s) for s in dict.fromkeys(self.seeds)]
+        self.scopes = list(dict.fromkeys(self.scopes))
         return self
 
     def run_args(self) -> list[str]:
@@ -148,4 +166,4 @@ class StudyPlan:
 
 # What the study sets per fit; a plan's fit_args may not.
 PER_RUN_OPTIONS = ("--model.conflict_map", "--model.skip_heads", "--seed_everything", "--data.seed",
-                   "--trainer.default_root_dir", "--ckpt_path")
+                   "--trainer.default_root_dir", "--ckpt_path", "--model.trainable")

@@ -56,13 +56,20 @@ def tables(data: dict) -> dict[str, dict]:
     }}
     if data["comparisons"]:
         out["comparisons"] = {
-            "title": "Against random skipping at the same budget (paired by seed)",
+            "title": "Against the random control at the same budget (paired by seed)",
             "header": ["variant", "skip ratio", "utility drop", "random utility drop", "advantage", "per seed",
                        "refusal rate", "random refusal rate", "outcome"],
             "rows": [[_name(c["label"]), f"{c['skip_ratio']:g}", format_stat(c["utility_drop"]),
                       format_stat(c["random_utility_drop"]), format_stat(c["advantage"]),
                       ", ".join(format_value(a) for a in c["advantage_per_seed"]), format_stat(c["refusal_rate"]),
                       format_stat(c["random_refusal_rate"]), c["outcome"]] for c in data["comparisons"]],
+        }
+    if data.get("overlaps"):
+        out["overlaps"] = {
+            "title": "Overlap of the head sets the variants pick (Jaccard, mean ± std over seeds)",
+            "header": ["skip ratio", "variant", "variant", "seeds", "Jaccard"],
+            "rows": [[f"{o['skip_ratio']:g}", o["a"], o["b"], str(len(o["seeds"])), format_stat(o["jaccard"])]
+                     for o in data["overlaps"]],
         }
     if data["tasks"]:
         out["tasks"] = {
@@ -147,7 +154,7 @@ def render_markdown(data: dict, plots: dict[str, str]) -> str:
         summary_table=table("summary"),
         utility_definition=definitions["utility"],
         pareto_plot=plot("pareto"),
-        comparisons_table=table("comparisons"),
+        comparisons_table=table("comparisons") + table("overlaps"),
         utility_drop_plot=plot("utility_drop"),
         tasks_table=table("tasks"),
         validity_sentence=data["validity"].get("sentence") or "",
@@ -202,7 +209,7 @@ def render_html(data: dict, plot_files: dict[str, Path]) -> str:
         summary_table=table("summary"),
         utility_definition=esc(definitions["utility"]),
         pareto_plot=plot("pareto"),
-        comparisons_table=table("comparisons"),
+        comparisons_table=table("comparisons") + table("overlaps"),
         utility_drop_plot=plot("utility_drop"),
         tasks_table=table("tasks"),
         validity_sentence=esc(data["validity"].get("sentence") or ""),

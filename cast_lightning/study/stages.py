@@ -5,16 +5,16 @@ Every stage runs inside the study directory (``output_dir``), where ``base_model
 base model and its data, so the recipes' relative paths resolve there and every path recorded is relative to it.
 A diagnosis or fit is exactly the LightningCLI run of ``cast diagnose`` / ``cast fit`` with the recipe YAML and
 this run's overrides; its directory keeps the resolved ``config.yaml`` (``cast fit --config runs/<run>/config.yaml``
-repeats the run) and a ``stage.json`` stamp of the command and of the inputs' hashes. A stage is reused only when
-its output is readable and its stamp matches what would run now, so editing a recipe or a map reruns exactly the
-stages it feeds. Layout of ``output_dir``::
+repeats the run) and a ``stage.json`` stamp of the command and of its inputs (the recipe's hash, the heads its map
+skips). A stage is reused only when its output is readable and its stamp matches what would run now, so editing a
+recipe or a map's selection reruns exactly the stages it feeds. Layout of ``output_dir``::
 
     base_model, world                       links to the cached base model and its generated data
     diagnosis/{conflict_map.json, .png, config.yaml, stage.json}
     eval/base/eval.json                     the base model's evaluation
-    runs/<variant>-s<seed>/                 full fine-tuning: {config.yaml, stage.json, final.ckpt, eval.json, lightning_logs/}
-    runs/<variant>-r<ratio>-s<seed>/        skipping variants: the same + conflict_map.json (the re-scored diagnosis map)
-    single/l<L>h<H>-s<seed>/                single-head validity runs: the same, skipping one head
+    runs/<variant>-s<seed>[-<scope>]/       full fine-tuning (scope suffix unless all): {config.yaml, stage.json, final.ckpt, eval.json, lightning_logs/}
+    runs/<variant>-r<ratio>-s<seed>[-<scope>]/ skipping variants: the same + conflict_map.json (the re-scored diagnosis map)
+    single/l<L>h<H>-s<seed>/                single-head validity runs (scope all): the same, skipping one head
     experiments.json                        every run's metrics, paths and hashes (schema 2): what the report reads
 """
 
@@ -129,12 +129,12 @@ def command_line(argv: list[str]) -> str:
 # -- the stages ------------------------------------------------------------------------------------------------------
 
 
-def prepare(out: Path, base_seed: int) -> dict:
+def prepare(out: Path, base_seed: int, wait: bool = True) -> dict:
     """Build (or reuse) the embedded world's base model; link it and its world into the study directory."""
     from cast_lightning.world import base_model
 
     started = stage("base model: building or reusing the cached one")
-    base = base_model.ensure_base_model(seed=base_seed)
+    base = base_model.ensure_base_model(seed=base_seed, wait=wait)
     out.mkdir(parents=True, exist_ok=True)
     _link(base, out / "base_model")
     _link(base / "world", out / "world")
@@ -162,29 +162,27 @@ def diagnose_stage(plan: StudyPlan, recipe: Path) -> tuple[object, dict]:
                   "command": stamp["command"], "conflict_map": json.loads(output.read_text(encoding="utf-8"))}
 
 
-def variant_map(cmap, diagnosis_sha256: str, score: str, skip_ratio: float, seed: int, output: Path) -> object:
-    """The diagnosis map re-scored and re-selected for one variant (no new gradients needed), cached while the
-    diagnosis map it came from is unchanged."""
-    from cast_lightning.conflict import combine_scores, select_heads, selection_rule
-
+def variant_map(cmap, diagnosis_sha256: str, score: str, skip_ratio: float, seed: int, output: Path,
+                selection_mode: str = "skip") -> object:
+    """The diagnosis map re-scored and re-selected for one variant (``ConflictMap.rescore``: no new gradients),
+    cached while the diagnosis map it came from is unchanged."""
     source = {"map": "diagnosis/conflict_map.json", "sha256": diagnosis_sha256}
     cached = _cached(output, _read_map)
     if cached is not None and cached.options.get("derived_from") == source:
         return cached
-    scores = combine_scores(cmap.oc, cmap.fs, score, lam=cmap.options.get("weight_lambda", 0.5), seed=seed)
-    skip = select_heads(scores, skip_ratio=skip_ratio, seed=seed)
-    options = {**cmap.options, "score": score, "skip_ratio": skip_ratio, "top_k": None, "threshold": None,
-               "selection": selection_rule(skip_ratio=skip_ratio), "derived_from": source}
-    derived = replace(cmap, score=scores.tolist(), skip=skip, options=options, seed=seed)
+    derived = cmap.rescore(score=score, skip_ratio=skip_ratio, seed=seed, selection_mode=selection_mode)
+    derived.options["derived_from"] = source
     derived.to_json(output)
     return derived
 
 
 def fit_command(plan: StudyPlan, run_dir: Path, seed: int, conflict_map: Path | None = None,
-                skip_heads: list[list[int]] | None = None) -> list[str]:
-    """The ``cast fit`` arguments of one run: the recipe, the plan's shared overrides, then this run's map, seed
-    and directory (with the recipe named as the plan names it)."""
+                skip_heads: list[list[int]] | None = None, scope: str = "all") -> list[str]:
+    """The ``cast fit`` arguments of one run: the recipe, the plan's shared overrides, then this run's scope (when
+    not the recipe's ``all``), map, seed and directory (with the recipe named as the plan names it)."""
     argv = ["fit", "--config", plan.fit_config, *plan.run_args()]
+    if scope != "all":
+        argv += [f"--model.trainable={scope}"]
     if conflict_map is not None:
         argv += ["--model.conflict_map", str(conflict_map)]
     if skip_heads is not None:
@@ -198,8 +196,10 @@ def fit_stage(plan: StudyPlan, recipe: Path, argv: list[str], run_dir: Path,
     ``argv`` names the recipe as the plan does; ``recipe`` is where that resolved to."""
     from cast_lightning.lightning_cli import run_lightning
 
-    stamp = {"command": command_line(argv), "recipe_sha256": sha256(recipe),
-             "conflict_map_sha256": sha256(conflict_map) if conflict_map is not None else None}
+    # What the fit consumes of a map is its skip list: a map that gains other fields (a new scorer's grid) or is
+    # re-derived with the same heads leaves the fit valid.
+    skip = _read_map(conflict_map).skip if conflict_map is not None else None
+    stamp = {"command": command_line(argv), "recipe_sha256": sha256(recipe), "skip_heads": skip}
     final = run_dir / "final.ckpt"
     if _stamp_matches(run_dir / "stage.json", stamp) and _cached(final, _read_checkpoint) is not None:
         return final, None
@@ -264,47 +264,73 @@ def single_heads(cmap, count: int) -> list[tuple[int, int]]:
     return [(layer, head) for _, layer, head in ranked[::step][:count]]
 
 
-def run_study(plan: StudyPlan) -> dict:
+STUDY_LOCK = ".cast.lock"
+
+
+def study_lock(output_dir: str | Path, wait: bool = True):
+    """The lock of one study directory (``<output_dir>/.cast.lock``): one study at a time writes there; a second
+    waits, saying so in one line, or (``wait=False``) fails at once. Re-entrant within a process."""
+    from cast_lightning.io import exclusive
+
+    out = Path(output_dir).resolve()
+    return exclusive(out / STUDY_LOCK, f"the study directory {out}", wait=wait)
+
+
+def run_study(plan: StudyPlan, wait: bool = True) -> dict:
     """Every (variant, skip ratio, seed) through diagnose / fit / eval, reusing cached stages; writes and returns
     ``experiments.json`` (schema 2: each run's metrics, leaf tasks, command, and paths relative to ``output_dir``
-    with the sha256 of its results file)."""
+    with the sha256 of its results file). The study directory is locked meanwhile (``study_lock``), and the base
+    model's cache while it is built: ``wait=False`` fails at once if another run holds either."""
+    plan.check()
+    with study_lock(plan.output_dir, wait):
+        return _run_study(plan, wait)
+
+
+def _run_study(plan: StudyPlan, wait: bool) -> dict:
     from cast_lightning.provenance import collect
 
-    plan.check()
     # Resolved before entering the study directory: the plan's paths are relative to where the command started.
     fit_recipe = resolve_recipe(plan.fit_config, "--fit_config")
     diagnose_recipe = resolve_recipe(plan.diagnose_config, "--diagnose_config")
     out = Path(plan.output_dir).resolve()
-    base_model = prepare(out, plan.base_seed)
+    base_model = prepare(out, plan.base_seed, wait)
     runs: list[dict] = []
     single: list[dict] = []
     with inside(out):
         cmap, diagnosis = diagnose_stage(plan, diagnose_recipe)
+        missing = sorted({VARIANTS[v].needs for v in plan.variants if VARIANTS[v].needs} - set(cmap.extra))
+        if missing:
+            raise CastError(
+                f"variant(s) need the diagnosis scorer(s) {', '.join(missing)}, which {plan.diagnose_config} does not "
+                f"compute: add 'scorers: [{', '.join(missing)}]' under its model: section"
+            )
         if "base" in plan.variants:
             results_path = Path("eval/base/eval.json")
             results = eval_stage(plan, Path("base_model"), results_path)
             runs.append({"variant": "base", "score": None, "skip_ratio": 0.0, "seed": 0, "skip_heads": [],
                          "command": None, "fit_seconds": None,
                          **_entry(results_path.parent, Path("base_model"), results_path, results, config=False)})
-        for seed in plan.seeds:
+        for scope, seed in [(scope, seed) for scope in plan.scopes for seed in plan.seeds]:
+            suffix = "" if scope == "all" else f"-{scope}"  # scope all keeps the plain names
             if "full" in plan.variants:
-                run_dir = Path("runs") / f"full-s{seed}"
-                argv = fit_command(plan, run_dir, seed)
+                run_dir = Path("runs") / f"full-s{seed}{suffix}"
+                argv = fit_command(plan, run_dir, seed, scope=scope)
                 checkpoint, seconds = fit_stage(plan, fit_recipe, argv, run_dir)
                 results = eval_stage(plan, checkpoint, run_dir / "eval.json")
-                runs.append({"variant": "full", "score": None, "skip_ratio": 0.0, "seed": seed, "skip_heads": [],
+                runs.append({"variant": "full", "score": None, "scope": scope, "skip_ratio": 0.0, "seed": seed, "skip_heads": [],
                              "command": command_line(argv), "fit_seconds": seconds,
                              **_entry(run_dir, checkpoint, run_dir / "eval.json", results)})
             for ratio in plan.skip_ratios:
                 for variant in [v for v in plan.variants if VARIANTS[v].score is not None]:
-                    score = VARIANTS[variant].score
-                    run_dir = Path("runs") / f"{variant}-r{ratio:g}-s{seed}"
+                    score, mode = VARIANTS[variant].score, VARIANTS[variant].selection_mode
+                    run_dir = Path("runs") / f"{variant}-r{ratio:g}-s{seed}{suffix}"
                     map_path = run_dir / "conflict_map.json"
-                    vmap = variant_map(cmap, diagnosis["sha256"], score, ratio, seed, map_path)
-                    argv = fit_command(plan, run_dir, seed, conflict_map=map_path)
+                    vmap = variant_map(cmap, diagnosis["sha256"], score, ratio, seed, map_path, mode)
+                    argv = fit_command(plan, run_dir, seed, conflict_map=map_path, scope=scope)
                     checkpoint, seconds = fit_stage(plan, fit_recipe, argv, run_dir, conflict_map=map_path)
                     results = eval_stage(plan, checkpoint, run_dir / "eval.json")
-                    runs.append({"variant": variant, "score": score, "skip_ratio": ratio, "seed": seed,
+                    runs.append({"variant": variant, "score": score, "selection_mode": mode, "scope": scope,
+                                 "skip_ratio": ratio, "seed": seed,
                                  "skip_heads": [list(h) for h in vmap.skip], "command": command_line(argv),
                                  "fit_seconds": seconds, **_entry(run_dir, checkpoint, run_dir / "eval.json", results)})
         if plan.single_head_validity > 0:

@@ -16,6 +16,7 @@ The world's data files are in ``path / "world"`` (see ``world_paths``). ``genera
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -56,6 +57,10 @@ TRAIN_CONFIG = {
     "grad_clip": 1.0,
     "max_length": 96,
     "benign_repeat": 1,  # times the benign look-alikes appear in the corpus
+    # Intra-op threads are part of the recipe, not read off the machine's load: float sums can depend on how many
+    # threads split them (this model built bit-identical weights with 1 and 2, checked), and one thread is the robust
+    # choice on a small shared machine, where oversubscribed OpenMP threads spin (steps up to 10x slower).
+    "threads": 1,
 }
 
 
@@ -93,24 +98,15 @@ def _log(message: str, quiet: bool) -> None:
         print(f"[cast base-model] {message}", file=sys.stderr, flush=True)
 
 
-def set_threads() -> int:
-    """One intra-op thread per free core: all cores on an idle machine (2 on the reference laptop CPU).
-
-    On a busy machine (1-minute load average >= 1) one thread fewer per busy core, at least one:
-    oversubscribed OpenMP threads spin, which made a training step up to 10x slower in our
-    measurements on a shared 2-core machine. ``CAST_NUM_THREADS`` overrides.
-    """
-    if os.environ.get("CAST_NUM_THREADS"):
-        n = int(os.environ["CAST_NUM_THREADS"])
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        try:
-            busy = int(os.getloadavg()[0])
-        except OSError:
-            busy = 0
-        n = max(1, min(cores, cores - busy + 1))
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[int]:
+    """Run with exactly ``threads`` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +213,6 @@ def pretrain_base(output_dir: str | Path, seed: int = 0, scale: float = 1.0, mod
 
     output_dir = Path(output_dir)
     train_config = {**TRAIN_CONFIG, **(train_config or {})}
-    threads = set_threads()
     t0 = time.perf_counter()
     paths = world_lib.build_world(output_dir / "world", seed=seed, scale=scale)
     tokenizer = AutoTokenizer.from_pretrained(str(paths.tokenizer))
@@ -227,9 +222,11 @@ def pretrain_base(output_dir: str | Path, seed: int = 0, scale: float = 1.0, mod
             + world_lib.read_jsonl(paths.benign_train) * train_config["benign_repeat"])
     model = new_model(tokenizer, model_config, seed)
     n_params = sum(p.numel() for p in model.parameters())
+    threads = train_config["threads"]
     _log(f"pretraining {n_params / 1e6:.2f}M-parameter Llama (GQA) for {train_config['steps']} steps "
-         f"on {len(rows)} rows, {threads} threads", quiet)
-    stats = train_sft(model, tokenizer, rows, seed=seed, log=None if quiet else (lambda m: _log(m, False)), **train_config)
+         f"on {len(rows)} rows, {threads} thread(s)", quiet)
+    with intra_op_threads(threads):
+        stats = train_sft(model, tokenizer, rows, seed=seed, log=None if quiet else (lambda m: _log(m, False)), **train_config)
     model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     info = {
@@ -252,29 +249,37 @@ def pretrain_base(output_dir: str | Path, seed: int = 0, scale: float = 1.0, mod
 
 
 def ensure_base_model(cache_dir: str | Path | None = None, seed: int = 0, force: bool = False, scale: float = 1.0,
-                      model_config: dict | None = None, train_config: dict | None = None, quiet: bool = False) -> Path:
+                      model_config: dict | None = None, train_config: dict | None = None, quiet: bool = False,
+                      wait: bool = True) -> Path:
     """The cached base model directory (built on first use, atomically: temp dir, then rename).
 
-    Default cache: ``$CAST_CACHE_DIR`` or ``~/.cache/cast_lightning``. ``force`` rebuilds.
+    Default cache: ``$CAST_CACHE_DIR`` or ``~/.cache/cast_lightning``. ``force`` rebuilds. Builds hold a file lock
+    (``<cache>/world-base-<key>.lock``): a second process asking for the same model meanwhile waits for it, with one
+    line saying so, and then uses it, so the model is built once; ``wait=False`` makes it fail at once instead.
     """
+    from cast_lightning.io import exclusive
+
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = config_key(seed, scale, model_config, train_config)
     final = cache / f"world-base-{key}"
     if (final / "base_model.json").exists() and not force:
         _log(f"using cached base model {final}", quiet)
         return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".tmp-world-base-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        pretrain_base(tmp, seed=seed, scale=scale, model_config=model_config, train_config=train_config, quiet=quiet)
-        if final.exists():
-            old = cache / f".old-world-base-{key}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
+    with exclusive(cache / f"world-base-{key}.lock", f"the base model cache {final}", wait=wait):
+        if (final / "base_model.json").exists() and not force:
+            _log(f"using the base model another run just built: {final}", quiet)
+            return final
+        tmp = cache / f".tmp-world-base-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            pretrain_base(tmp, seed=seed, scale=scale, model_config=model_config, train_config=train_config, quiet=quiet)
+            if final.exists():
+                old = cache / f".old-world-base-{key}-{os.getpid()}"
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     _log(f"saved {final}", quiet)
     return final
 
