@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:  # SIGTERM / SIGUSR1: a resumable checkpoint was saved (cast fit), how to go on
         if debug:
             traceback.print_exc()
-        print(f"cast {command}: {stop.line(command)}", file=sys.stderr)
+        if stop.rank == 0:
+            print(f"cast {command}: {stop.line(command)}", file=sys.stderr)
         return stop.exit_code
     except CastError as error:
         if debug:

@@ -47,6 +47,7 @@ from cast_lightning.eval_data import (
     SUITE_DATASETS,
     SUITE_GROUPS,
     data_dir,
+    eval_package_dir,
     expand_suites,
     read_prompt_file,
     task_version,
@@ -106,6 +107,20 @@ def _fingerprint(paths: Sequence[Path]) -> dict:
     return info
 
 
+def recorded_path(path: str | os.PathLike) -> str:
+    """A path as results files record it: relative to the working directory when it lies inside it (a study's runs),
+    ``cast_lightning.eval_tasks/...`` for the package's own prompt sets (wherever the package is installed), else
+    absolute. What was read is identified by its hash beside it, not by where it was."""
+    resolved = Path(path).resolve()
+    for root, shown in ((Path.cwd().resolve(), None), (eval_package_dir().resolve(), "cast_lightning.eval_tasks")):
+        try:
+            relative = resolved.relative_to(root)
+        except ValueError:
+            continue
+        return str(relative) if shown is None else f"{shown}/{relative}"
+    return str(resolved)
+
+
 def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, identity) from a ``cast fit`` checkpoint (a ``.ckpt`` file, or the checkpoint directory
     FSDP2 or DeepSpeed writes), an HF directory, a LoRA adapter directory (``cast export --adapter_only``) or a hub
@@ -119,7 +134,7 @@ def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, 
     model, step, skipped heads, training scope, a sha256 of the weights up to 2 GiB).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = os.path.abspath(path) if os.path.exists(path) else path
+    resolved = recorded_path(path) if os.path.exists(path) else path
     if is_lightning_checkpoint(path) or (path.endswith(".ckpt") and not os.path.exists(path)):
         from cast_lightning.checkpoints import checkpoint_scope
 
@@ -487,7 +502,7 @@ def score_safety_suites(generated: dict, verdicts: dict[str, dict[str, list]], j
             "description": suite.description,
             "kind": suite.kind,
             "dataset": {"key": dataset.key, "hub": dataset.hub, "name": dataset.name, "split": dataset.split,
-                        "half": suite.half, "local": str(Path(local).expanduser().resolve()) if local else None,
+                        "half": suite.half, "local": recorded_path(Path(local).expanduser()) if local else None,
                         "card": dataset.card, "prompts_sha256": _prompts_sha256(run["model_prompts"])},
             "version": run["version"],
             "n_samples": run["n"],
@@ -750,8 +765,8 @@ def _world_results(results: dict, generated: dict, judged: dict, judge_ids: dict
         "agreement": {set_name: agreement({n: judged[n]["world"][set_name] for n in judged},
                                           {n: judge_ids[n]["fields"] for n in judged}) for set_name in generated["sets"]},
         "prompts": {
-            "harmful": str(Path(harmful).resolve()) if harmful else str(data_dir() / SAFETY_TASK_FILES["cast_refusal"]),
-            "benign": str(Path(benign).resolve()) if benign else str(data_dir() / SAFETY_TASK_FILES["cast_over_refusal"]),
+            "harmful": recorded_path(harmful or data_dir() / SAFETY_TASK_FILES["cast_refusal"]),
+            "benign": recorded_path(benign or data_dir() / SAFETY_TASK_FILES["cast_over_refusal"]),
         },
         "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template": True},
     }

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -41,8 +42,10 @@ PREEMPTED_FILENAME = "preempted.ckpt"
 class Preempted(Exception):
     """A run stopped by SIGTERM/SIGUSR1; ``checkpoint`` is the resumable checkpoint saved first (None: none was)."""
 
-    def __init__(self, signal_name: str, checkpoint: str | None, step: int | None, signum: int = signal.SIGTERM):
+    def __init__(self, signal_name: str, checkpoint: str | None, step: int | None, signum: int = signal.SIGTERM,
+                 rank: int = 0):
         self.signal_name, self.checkpoint, self.step, self.signum = signal_name, checkpoint, step, int(signum)
+        self.rank = rank  # under data parallelism every process stops; rank 0 says so
         super().__init__(self.line("fit"))
 
     @property
@@ -227,12 +230,15 @@ def reconcile_resume(ckpt_path: str, checkpoint: dict, model: dict, data: dict |
     from cast_lightning.errors import CastError
 
     saved_model = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    mask_set = explicit is None or bool(MASK_KEYS & explicit)  # a map or a head list given here: no other from there
     inherit, refused, applied = {}, [], []
     for key, saved in saved_model.items():
         if key not in model or key in OWN_MODEL_KEYS:
             continue
         saved, run = _plain(saved), _plain(model[key])
         if explicit is not None and key not in explicit:
+            if key in MASK_KEYS and mask_set:
+                continue
             if saved != run:
                 inherit[key] = saved  # unset here: the checkpoint's value, as LightningCLI does
             continue
@@ -242,6 +248,8 @@ def reconcile_resume(ckpt_path: str, checkpoint: dict, model: dict, data: dict |
             applied.append((f"model.{key}", saved, run))
         else:
             refused.append((f"model.{key}", saved, run))
+    if fit:
+        _check_mask(ckpt_path, checkpoint, model, explicit)
     saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
     if fit and data is not None:
         for key, saved in saved_data.items():
@@ -258,6 +266,37 @@ def reconcile_resume(ckpt_path: str, checkpoint: dict, model: dict, data: dict |
     for key, saved, run in applied:
         _announce(ckpt_path, key, saved, run)
     return inherit
+
+
+def _check_mask(ckpt_path: str, checkpoint: dict, model: dict, explicit: set[str] | None) -> None:
+    """A map or head list this run gives must skip the heads the checkpoint was trained with (a map at another path
+    with the same heads resumes): a resumed run with another mask would be neither run."""
+    from cast_lightning.checkpoints import SKIP_HEADS_KEY
+    from cast_lightning.errors import CastError
+
+    if SKIP_HEADS_KEY not in checkpoint:
+        return
+    given = [key for key in ("skip_heads", "conflict_map") if model.get(key) is not None
+             and (explicit is None or key in explicit)]
+    if len(given) != 1:
+        return  # none: the checkpoint's mask is kept; both: the module refuses the pair itself
+    if given == ["skip_heads"]:
+        heads = model["skip_heads"]
+    else:
+        from cast_lightning.conflict import ConflictMap
+
+        try:
+            heads = ConflictMap.from_json(model["conflict_map"]).skip
+        except (CastError, OSError, ValueError):
+            return  # an unreadable map: the module names what is wrong with it
+    saved = sorted([int(layer), int(head)] for layer, head in checkpoint[SKIP_HEADS_KEY])
+    asked = sorted({(int(layer), int(head)) for layer, head in heads})
+    if [list(h) for h in asked] != saved:
+        raise CastError(
+            f"cannot resume from {ckpt_path}: this run's --model.{given[0]} skips heads {json.dumps([list(h) for h in asked])} "
+            f"but the checkpoint was trained skipping {json.dumps(saved)}; resume without --model.{given[0]} (the "
+            f"checkpoint's mask is kept), or drop --ckpt_path to start a new run"
+        )
 
 
 def trainer_settings(trainer) -> dict:
@@ -406,6 +445,7 @@ def preemption_class():
             signum = self.signum or signal.SIGTERM
             exception.cast_signal = (signal.Signals(signum).name, int(signum))
             exception.cast_step = trainer.global_step
+            exception.cast_rank = trainer.global_rank
             root = str(trainer.default_root_dir)
             final = Path(root) / self.filename
             if "://" in root:
@@ -419,7 +459,8 @@ def preemption_class():
 
 def preempted_from(exception: BaseException) -> Preempted:
     name, signum = getattr(exception, "cast_signal", ("SIGTERM", int(signal.SIGTERM)))
-    return Preempted(name, getattr(exception, "cast_checkpoint", None), getattr(exception, "cast_step", None), signum)
+    return Preempted(name, getattr(exception, "cast_checkpoint", None), getattr(exception, "cast_step", None), signum,
+                     getattr(exception, "cast_rank", 0))
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------------------
@@ -463,6 +504,8 @@ def save_config_class():
 def _explicit_keys(parser, args, subcommand: str | None, group: str) -> set[str] | None:
     """The ``group`` options (e.g. model) this command line sets itself, in a --config file or as flags; None if
     that cannot be told (then every option counts as set)."""
+    if args is None:
+        return None
     try:
         given = parser.parse_args(args, defaults=False)
     except Exception:  # noqa: BLE001 - e.g. a required option given only through a link: count everything as set
@@ -492,8 +535,12 @@ def cli_class(held: HeldOutput | None = None):
             # cast always passes the command line as ``args`` (also when it came from sys.argv, minus --debug, or
             # from the study): LightningCLI's warning about ``args`` beside sys.argv is about a mistake cast cannot
             # make, so parse without it.
-            self._args = list(args)
-            self.config = parser.parse_args(args)
+            if isinstance(args, dict) or hasattr(args, "as_dict"):  # a config object, as LightningCLI allows
+                self._args = None
+                self.config = parser.parse_object(args)
+                return
+            self._args = list(args) if args is not None else sys.argv[1:]
+            self.config = parser.parse_args(self._args)
 
         def _parse_ckpt_path(self) -> None:
             """LightningCLI reads --ckpt_path's hyperparameters over the config here. Instead: check the file
@@ -532,6 +579,7 @@ def cli_class(held: HeldOutput | None = None):
             if self.checked_checkpoint is not None:
                 self.model.check_checkpoint_fits(self.checked_checkpoint)
                 self.checked_checkpoint = None  # memory-mapped: let the file go before training
+            self._check_named_checkpoint()
             if held is not None:
                 self.trainer.callbacks.insert(0, release_callback(held))
             if self.subcommand == "fit":
@@ -554,6 +602,23 @@ def cli_class(held: HeldOutput | None = None):
                 return load_checkpoint(checkpoint_path, *args, **kwargs)
 
             strategy.load_checkpoint = checked_load_checkpoint
+
+        def _check_named_checkpoint(self) -> None:
+            """--ckpt_path best / hpc name checkpoints Lightning looks up itself; where there is none it raises a
+            ValueError deep in the Trainer. Say so here, in one line, before anything is written."""
+            from cast_lightning.errors import CastError
+
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            if ckpt_path == "best":
+                raise CastError(
+                    f"--ckpt_path best means the best checkpoint of an earlier fit in this same process, which a new "
+                    f"cast {self.subcommand} never has: give that checkpoint's path, or --ckpt_path last"
+                )
+            if ckpt_path == "hpc" and getattr(self.trainer._checkpoint_connector, "_hpc_resume_path", "") is None:
+                raise CastError(
+                    f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {self.trainer.default_root_dir} (Lightning's SLURM requeue "
+                    f"writes them there): give a checkpoint's path, or --ckpt_path last"
+                )
 
         def _reconcile_loaded(self, checkpoint_path: str, checkpoint: dict) -> None:
             """--ckpt_path last/best/hpc: the model is built from this run's options (the defaults where it sets

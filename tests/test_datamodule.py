@@ -254,6 +254,24 @@ def test_bad_rows_error_names_file_line_and_field(row, problem, tmp_path, tiny_l
     assert str(error.value) == f"{path} line 3: {problem}: fix or remove that row, or set --data.bad_rows skip"
 
 
+@pytest.mark.parametrize("option, value, least", [("batch_size", 0, 1), ("eval_batch_size", 0, 1), ("max_length", 1, 2),
+                                                  ("max_samples", -1, 1), ("diagnosis_samples", 0, 1), ("num_workers", -2, 0)])
+def test_sizes_out_of_range_are_refused_up_front(option, value, least, tiny_llama_dir):
+    with pytest.raises(CastError, match=rf"^--data\.{option} must be at least {least}, got {value}$"):
+        _module(tiny_llama_dir, **{option: value})
+
+
+@pytest.mark.parametrize("fields", [{"instruction": "prompt"}, {}, {"messages": "m", "prompt": "p"}, {"prompt": ""}])
+def test_a_field_mapping_that_maps_nothing_known_is_refused(fields, tiny_llama_dir):
+    with pytest.raises(CastError, match=r"^--data\.utility_fields"):
+        _module(tiny_llama_dir, utility_fields=fields)
+
+
+def test_a_filter_on_a_field_no_row_has_names_the_fields(tiny_llama_dir, tiny_data):
+    with pytest.raises(CastError, match=r"safety\.jsonl has no field 'is_saf' \(fields: prompt, response\) to filter on"):
+        _module(tiny_llama_dir)._pairs([str(tiny_data["safety"])], None, {"is_saf": True}, name="safety")
+
+
 def test_unknown_bad_rows_policy_and_only_bad_rows(tmp_path, tiny_llama_dir):
     with pytest.raises(CastError, match="unknown bad_rows policy 'drop': use skip or error"):
         _module(tiny_llama_dir, bad_rows="drop")

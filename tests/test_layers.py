@@ -138,10 +138,13 @@ def _rows(n: int, harmful: bool, seed: int, vocab: int) -> list[dict]:
 
 
 def _plant(model, layer: int, scale: float = 50.0):
-    """Hooks: remember the input ids; at ``layer``'s output add ``scale * v`` (one fixed unit direction) to the harmful
-    rows (prompt starting with MARK) at every position. From that layer on, harmful states point along v."""
+    """Hooks: remember the input ids; at ``layer``'s output add ``scale * v`` to the harmful rows (prompt starting with
+    MARK) and ``scale * u`` to the benign ones, at every position, with u, v orthogonal unit directions. From that layer
+    on, benign states cluster along u (cosine near 1 with each other) and lie near orthogonal to the harmful ones (near
+    0): a planted gap near 1."""
     state = {}
-    v = torch.nn.functional.normalize(torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(7)), dim=0)
+    basis, _ = torch.linalg.qr(torch.randn(model.config.hidden_size, 2, generator=torch.Generator().manual_seed(7)))
+    u, v = basis[:, 0], basis[:, 1]
 
     def remember(module, args, kwargs):
         state["ids"] = kwargs.get("input_ids", args[0] if args else None)
@@ -149,7 +152,7 @@ def _plant(model, layer: int, scale: float = 50.0):
     def add(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         harmful = (state["ids"][:, 0] == MARK).to(hidden.dtype)[:, None, None]
-        hidden = hidden + scale * harmful * v.to(hidden.dtype)
+        hidden = hidden + scale * (harmful * v.to(hidden.dtype) + (1 - harmful) * u.to(hidden.dtype))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     return [model.register_forward_pre_hook(remember, with_kwargs=True),
@@ -204,10 +207,10 @@ def test_layer_gap_finds_the_planted_layer_and_equals_explicit_cosines():
         for handle in handles:
             handle.remove()
     record = cmap.data["layer_gap"]
-    assert record["gap"] == pytest.approx(expected, abs=1e-9)
+    assert record["gap"] == pytest.approx(expected, abs=1e-6)  # float32 forwards, batched vs one row
     # The known answer: no gap before the planted layer (both sets are the same random-token distribution), a large one
     # from it on, and the located range is the planted layer.
-    assert max(abs(g) for g in record["gap"][:2]) < 0.5 * record["gap"][2]
+    assert max(abs(g) for g in record["gap"][:2]) < 0.2 and min(record["gap"][2:]) > 0.8
     assert record["located"] == [2]
     assert cmap.options["layer_gap_fraction"] == 0.5 and "layer_gap" in cmap.options["scorers"]
     # Without the plant the same data locate no layer 2 jump: the gap stays small everywhere.
@@ -220,7 +223,7 @@ def test_layer_gap_finds_the_planted_layer_and_equals_explicit_cosines():
     finally:
         for handle in handles:
             handle.remove()
-    assert whole.data["layer_gap"]["gap"] == pytest.approx(record["gap"], abs=1e-9)
+    assert whole.data["layer_gap"]["gap"] == pytest.approx(record["gap"], abs=1e-6)
 
 
 def test_skip_layers_from_map_reads_the_located_range(tiny_llama_dir, tmp_path):

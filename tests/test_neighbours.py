@@ -237,3 +237,31 @@ def test_each_training_scope_is_compared_within_itself():
     with pytest.raises(CastError, match="training scope"):
         StudyPlan(output_dir="x", fit_config="configs/world/fit.yaml", diagnose_config="configs/world/diagnose.yaml",
                   variants=["cast"], skip_ratios=[0.1], seeds=[0], scopes=["mlp"]).check()
+
+
+def test_methods_without_a_head_map_are_compared_with_full_fine_tuning():
+    import copy
+    import json
+    from pathlib import Path
+
+    from cast_lightning.study.analysis import build_report
+    from cast_lightning.study.plan import VARIANTS
+    from cast_lightning.study.stages import fit_command
+    from cast_lightning.study.plan import StudyPlan
+
+    fixture = Path(__file__).resolve().parent / "data" / "report" / "experiments.json"
+    experiments = json.loads(fixture.read_text())
+    for run in [r for r in experiments["runs"] if r["variant"] == "full"]:
+        copied = copy.deepcopy(run)
+        copied["variant"] = "pcgrad"
+        copied["metrics"]["utility.cast_world_add.exact_match"] += 0.25  # 1 of 5 skills: utility + 0.05
+        experiments["runs"].append(copied)
+    data = build_report(experiments, provenance={})
+    (row,) = [c for c in data["comparisons"] if c["variant"] == "pcgrad"]
+    assert row["control"] == "full" and row["skip_ratio"] == 0.0
+    assert all(a == pytest.approx(0.05, abs=1e-4) for a in row["advantage_per_seed"])  # loses 0.05 less than full
+    assert row["sentence"].startswith("PCGrad (global)") and "full fine-tuning" in row["sentence"]
+    plan = StudyPlan(output_dir="x", fit_config="configs/world/fit.yaml", diagnose_config="configs/world/diagnose.yaml",
+                     variants=["pcgrad", "sppft"], skip_ratios=[0.1], seeds=[0])
+    argv = fit_command(plan, Path("runs/sppft-s0"), 0, extra=VARIANTS["sppft"].fit_args)
+    assert "--model.skip_layers=from_map:diagnosis/conflict_map.json" in argv

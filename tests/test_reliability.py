@@ -118,6 +118,14 @@ BAD_INPUTS: dict[str, Case] = {
     "fit: an empty scope": Case("fit", ("--model.trainable=[]",), "selects no parameter"),
     "fit: a scope pattern that matches nothing": Case("fit", ("--model.trainable=[mpl]",), "matches no parameter"),
     "export: adapter alone from a checkpoint without LoRA": Case("export", ("--adapter_only=true",), "needs a LoRA checkpoint"),
+    # --- layer freezing and PCGrad (issue #18) -------------------------------------------------------------------
+    "fit: a skipped layer out of range": Case("fit", ("--model.skip_layers=[0, 5]",), "layer 5 is out of range; this llama model has layers 0-1"),
+    "fit: a skipped layer range out of range": Case("fit", ("--model.skip_layers=1-2",), "layer 2 is out of range"),
+    "fit: PCGrad without utility replay": Case("fit", ("--model.pcgrad=global",), "set --data.utility_replay"),
+    "fit: skipped layers from a map that located none": Case(
+        "fit", (f"--model.skip_layers=from_map:{REPO / 'tests' / 'data' / 'report' / 'conflict_map.json'}",),
+        "has no located layers: run cast diagnose with --model.scorers '[layer_gap]'"),
+    "fit: skipped layers from_map without a map": Case("fit", ("--model.skip_layers=from_map",), "add --model.conflict_map PATH"),
 }
 
 

@@ -379,3 +379,28 @@ def test_ckpt_path_last_follows_the_same_rules(trained, tiny_llama_dir, tiny_dat
     assert run_cast(_resume_args(tiny_llama_dir, tiny_data, root, "--ckpt_path=last", *common[:4])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.dtype (checkpoint bfloat16, this run float32)" in err[0], err
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("best", "--ckpt_path best means the best checkpoint of an earlier fit in this same process"),
+    ("hpc", "--ckpt_path hpc: no hpc_ckpt_*.ckpt in"),
+])
+def test_ckpt_path_best_or_hpc_without_such_a_checkpoint_is_one_line(name, expected, tiny_llama_dir, tiny_data, tmp_path, capsys):
+    """Lightning raises a bare ValueError from inside the Trainer for these (a traceback before)."""
+    root = tmp_path / "run"
+    assert run_cast(_resume_args(tiny_llama_dir, tiny_data, root, f"--ckpt_path={name}", "--trainer.max_steps=1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cast fit: error: {expected}"), err
+    assert not list(root.rglob("*.ckpt")) and not (root / "config.yaml").exists()
+
+
+def test_another_mask_on_resume_is_refused_naming_both_head_lists(trained, tiny_llama_dir, tiny_data, tmp_path, capsys):
+    """The checkpoint trained every head (full fine-tuning): resuming it as CAST would be neither run."""
+    root = tmp_path / "run"
+    args = _resume_args(tiny_llama_dir, tiny_data, root, f"--ckpt_path={trained}", "--trainer.max_steps=4")
+    assert run_cast([*args, "--model.skip_heads=[[0, 1]]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cast fit: error: cannot resume from {trained}: this run's --model.skip_heads skips heads [[0, 1]] "
+                   f"but the checkpoint was trained skipping []; resume without --model.skip_heads (the checkpoint's "
+                   f"mask is kept), or drop --ckpt_path to start a new run"]
+    assert run_cast([*args, "--model.skip_heads=[]"]) == 0  # the same (empty) mask, given explicitly: resumes

@@ -1,7 +1,13 @@
 """SafetyUtilityDataModule: safety and utility prompt/response sets -> chat-formatted, labelled batches.
 
-Each source is a local JSON/JSONL/Parquet/CSV file, a local directory (``save_to_disk`` or data files),
-or an HF hub dataset name with an optional ``@split`` suffix (``PKU-Alignment/BeaverTails@30k_train``).
+Each source is a local JSON/JSONL/Parquet/CSV file, a local directory (``save_to_disk`` or data files, with an
+optional ``@split``), or an HF hub dataset name with an optional ``@split`` suffix
+(``PKU-Alignment/BeaverTails@30k_train``).
+
+Every data error is one ``CastError`` line naming the file and the place in it: the line (JSONL, JSON) or the row
+(CSV, Parquet, datasets) and the field. A row with a missing, empty or non-text field, or whose prompt alone fills
+``max_length``, is a bad row: ``bad_rows=skip`` drops and counts them (one report line per set), ``error`` stops at
+the first.
 """
 
 from __future__ import annotations
@@ -268,6 +274,23 @@ def rows_to_pairs(rows: list[dict], fields: dict[str, str], source: str) -> list
     return [(prompt, response) for prompt, response, _ in pairs]
 
 
+def _check_fields(option: str, fields: dict | None) -> None:
+    """A field mapping names prompt and/or response, or messages (alone), each to a column name."""
+    if fields is None:
+        return
+    roles = set(fields)
+    unknown = sorted(roles - {"prompt", "response", "messages"})
+    if unknown or not roles or ("messages" in roles and len(roles) > 1):
+        raise CastError(
+            f"--data.{option} {json.dumps(fields)} must map prompt and/or response, or messages alone, to your column "
+            f"names, e.g. '{{\"prompt\": \"instruction\", \"response\": \"output\"}}' or '{{\"messages\": \"conversation\"}}'"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    bad = [role for role, column in fields.items() if not isinstance(column, str) or not column]
+    if bad:
+        raise CastError(f"--data.{option}: the column of {bad[0]!r} must be a column name, got {fields[bad[0]]!r}")
+
+
 def _matches(cell, wanted) -> bool:
     """A *_where filter value against a cell; CSV cells are text, so true / 1 also match "true" / "1"."""
     if cell == wanted:
@@ -346,6 +369,13 @@ class SafetyUtilityDataModule(L.LightningDataModule):
             raise CastError(f"unknown bad_rows policy {bad_rows!r}: use skip or error")
         if not 0.0 <= utility_replay < 1.0:
             raise CastError(f"utility_replay must be in [0, 1), got {utility_replay}")
+        for option, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                     ("max_length", max_length, 2), ("max_samples", max_samples, 1),
+                                     ("diagnosis_samples", diagnosis_samples, 1), ("num_workers", num_workers, 0)):
+            if value is not None and value < least:
+                raise CastError(f"--data.{option} must be at least {least}, got {value}")
+        for option, mapping in (("safety_fields", safety_fields), ("utility_fields", utility_fields)):
+            _check_fields(option, mapping)
         self.save_hyperparameters()
         self._tokenizer = None
         self.bad_row_counts: dict[str, int] = {}
@@ -377,6 +407,10 @@ class SafetyUtilityDataModule(L.LightningDataModule):
         for source in sources or []:
             loaded = read_source(source)
             if where and loaded.rows:
+                missing = [key for key in where if not any(key in row for row in loaded.rows)]
+                if missing:
+                    raise CastError(f"{source} has no field {missing[0]!r} (fields: {', '.join(loaded.rows[0])}) to filter "
+                                    f"on: check the *_where filter {where}")
                 kept = [i for i, row in enumerate(loaded.rows) if all(_matches(row.get(k), v) for k, v in where.items())]
                 if not kept:
                     raise CastError(f"no row of {source} matches {where}: check the *_where filter")

@@ -370,34 +370,49 @@ def compare_to_random(runs: list[dict]) -> list[dict]:
             members = contenders[key]
             control, scope = control_of(members[0]["variant"]), members[0]["scope"]
             random_runs = [r for r in runs if r["variant"] == control and r["skip_ratio"] == ratio and r["scope"] == scope]
-            if not random_runs:
-                continue
-            advantage, seeds, paired = _paired(members, random_runs, "utility_drop")
-            safety, _, _ = _paired(random_runs, members, "refusal_rate")  # variant - random
-            adv, safe = summarize(advantage), summarize(safety)
-            row = {
-                "label": members[0]["label"],
-                "variant": members[0]["variant"],
-                "score": members[0]["score"],
-                "skip_ratio": ratio,
-                "scope": scope,
-                "control": control,
-                "seeds": seeds,
-                "paired": paired,
-                "utility_drop": summarize(r["utility_drop"] for r in members),
-                "random_utility_drop": summarize(r["utility_drop"] for r in random_runs),
-                "refusal_rate": summarize(r["refusal_rate"] for r in members),
-                "random_refusal_rate": summarize(r["refusal_rate"] for r in random_runs),
-                "advantage": adv,
-                "advantage_per_seed": [round_value(a) for a in advantage],
-                "outcome": outcome(adv["mean"], adv["std"], len(advantage) if paired else 1),
-                "refusal_difference": safe,
-                "safety_outcome": outcome(safe["mean"], safe["std"], len(safety) if paired else 1),
-            }
-            row["beats_random"] = row["outcome"] == "better"
-            row["sentence"] = comparison_sentence(row)
-            rows.append(row)
+            if random_runs:
+                rows.append(_comparison_row(members, random_runs, ratio, scope, control))
+    # Neighbours without a head map (PCGrad, SPPFT layer freezing) against full fine-tuning in the same scope.
+    by_method: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if VARIANTS.get(r["variant"]) is not None and VARIANTS[r["variant"]].control == "full":
+            by_method.setdefault(group_key(r), []).append(r)
+    for key in sorted(by_method):
+        members = by_method[key]
+        scope = members[0]["scope"]
+        full_runs = [r for r in runs if r["variant"] == "full" and r["scope"] == scope]
+        if full_runs:
+            rows.append(_comparison_row(members, full_runs, 0.0, scope, "full"))
     return rows
+
+
+def _comparison_row(members: list[dict], random_runs: list[dict], ratio: float, scope: str, control: str) -> dict:
+    """One variant against its control (random skipping, random train-only, or full fine-tuning), paired by seed."""
+    advantage, seeds, paired = _paired(members, random_runs, "utility_drop")
+    safety, _, _ = _paired(random_runs, members, "refusal_rate")  # variant - random
+    adv, safe = summarize(advantage), summarize(safety)
+    row = {
+        "label": members[0]["label"],
+        "variant": members[0]["variant"],
+        "score": members[0]["score"],
+        "skip_ratio": ratio,
+        "scope": scope,
+        "control": control,
+        "seeds": seeds,
+        "paired": paired,
+        "utility_drop": summarize(r["utility_drop"] for r in members),
+        "random_utility_drop": summarize(r["utility_drop"] for r in random_runs),
+        "refusal_rate": summarize(r["refusal_rate"] for r in members),
+        "random_refusal_rate": summarize(r["refusal_rate"] for r in random_runs),
+        "advantage": adv,
+        "advantage_per_seed": [round_value(a) for a in advantage],
+        "outcome": outcome(adv["mean"], adv["std"], len(advantage) if paired else 1),
+        "refusal_difference": safe,
+        "safety_outcome": outcome(safe["mean"], safe["std"], len(safety) if paired else 1),
+    }
+    row["beats_random"] = row["outcome"] == "better"
+    row["sentence"] = comparison_sentence(row)
+    return row
 
 
 OVERLAP_DEFINITION = (
@@ -442,7 +457,9 @@ def head_set_overlaps(runs: list[dict], shape: tuple[int, int] | None) -> list[d
 def comparison_sentence(row: dict) -> str:
     """The verdict sentence of one comparison row, computed from its numbers."""
     name, ratio = row["label"].split(" @ ")[0], f"{row['skip_ratio']:g}"
-    against = "random skipping" if row.get("control", "random") == "random" else "training as many random heads alone"
+    against = {"random": "random skipping", "random_train": "training as many random heads alone",
+               "full": "full fine-tuning"}.get(row.get("control", "random"), "its control")
+    ratio_text = f" at skip ratio {ratio}" if row["skip_ratio"] else ""
     n = row["advantage"]["n"]
     numbers = (
         f"utility drop {format_stat(row['utility_drop'])} vs {format_stat(row['random_utility_drop'])} for {against} "
@@ -451,14 +468,14 @@ def comparison_sentence(row: dict) -> str:
     )
     result = row["outcome"]
     if result == "better":
-        head = f"{name} beats {against} at skip ratio {ratio}: it loses less utility"
+        head = f"{name} beats {against}{ratio_text}: it loses less utility"
     elif result == "worse":
-        head = f"{name} does not beat {against} at skip ratio {ratio}: it loses more utility"
+        head = f"{name} does not beat {against}{ratio_text}: it loses more utility"
     elif result == "no clear difference":
-        head = (f"{name} does not beat {against} at skip ratio {ratio}: the difference is within the "
+        head = (f"{name} does not beat {against}{ratio_text}: the difference is within the "
                 f"spread over seeds")
     else:
-        head = f"{name} vs {against} at skip ratio {ratio} cannot be judged: one seed gives no spread"
+        head = f"{name} vs {against}{ratio_text} cannot be judged: one seed gives no spread"
     safety_text = {
         "better": "it refuses more harmful prompts",
         "worse": "but it refuses fewer harmful prompts",

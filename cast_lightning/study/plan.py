@@ -24,6 +24,7 @@ class Variant:
     selection_mode: str = "skip"  # skip: freeze the ratio's heads; train_only: train only them, freeze the rest
     control: str | None = "random"  # the budget-matched random variant it is compared with (None: it is a control)
     needs: str | None = None  # the diagnosis scorer its score needs (the diagnose recipe's --model.scorers)
+    fit_args: tuple[str, ...] = ()  # what its fits add to the recipe (no-map variants: the method itself)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -44,12 +45,19 @@ VARIANTS: dict[str, Variant] = {
         Variant("ships_train", "ships", "Ships train-only @ {ratio}", "train_only", "random_train", "ships"),
         Variant("snip_train", "snip", "SNIP train-only @ {ratio}", "train_only", "random_train", "snip"),
         Variant("random_train", "random", "random train-only @ {ratio}", "train_only", None),
+        # Without a head map: PCGrad on the safety vs utility-replay gradients, and SPPFT-style freezing of the
+        # safety layers the diagnosis located (layer_gap); both compared with full fine-tuning, paired by seed.
+        Variant("pcgrad", None, "PCGrad (global)", control="full", fit_args=("--model.pcgrad=global",)),
+        Variant("sppft", None, "SPPFT (located layers frozen)", control="full", needs="layer_gap",
+                fit_args=("--model.skip_layers=from_map:diagnosis/conflict_map.json",)),
     )
 }
 MAP_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.score is not None)
 # Training scopes a study can run its variants under (``--model.trainable``); each is compared within itself.
 SCOPES = ("all", "attention", "lora")
 CONTROLS = tuple(name for name, v in VARIANTS.items() if v.score is not None and v.control is None)
+# Fine-tuning variants without a head map (each run once per seed, like full fine-tuning).
+NO_MAP_FITS = tuple(name for name, v in VARIANTS.items() if v.score is None and name != "base")
 
 
 def variant_label(variant: str, skip_ratio: float | None = None) -> str:

@@ -56,10 +56,10 @@ def tables(data: dict) -> dict[str, dict]:
     }}
     if data["comparisons"]:
         out["comparisons"] = {
-            "title": "Against the random control at the same budget (paired by seed)",
-            "header": ["variant", "skip ratio", "utility drop", "random utility drop", "advantage", "per seed",
-                       "refusal rate", "random refusal rate", "outcome"],
-            "rows": [[_name(c["label"]), f"{c['skip_ratio']:g}", format_stat(c["utility_drop"]),
+            "title": "Against each variant's control at the same budget (paired by seed)",
+            "header": ["variant", "skip ratio", "control", "utility drop", "control utility drop", "advantage",
+                       "per seed", "refusal rate", "control refusal rate", "outcome"],
+            "rows": [[_name(c["label"]), f"{c['skip_ratio']:g}", c.get("control", "random"), format_stat(c["utility_drop"]),
                       format_stat(c["random_utility_drop"]), format_stat(c["advantage"]),
                       ", ".join(format_value(a) for a in c["advantage_per_seed"]), format_stat(c["refusal_rate"]),
                       format_stat(c["random_refusal_rate"]), c["outcome"]] for c in data["comparisons"]],

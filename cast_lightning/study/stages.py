@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from cast_lightning.errors import CastError
 from cast_lightning.io import atomic_write_json
-from cast_lightning.study.plan import VARIANTS, StudyPlan, resolve_recipe
+from cast_lightning.study.plan import NO_MAP_FITS, VARIANTS, StudyPlan, resolve_recipe
 
 SCHEMA_VERSION = 2
 T = TypeVar("T")
@@ -177,12 +177,13 @@ def variant_map(cmap, diagnosis_sha256: str, score: str, skip_ratio: float, seed
 
 
 def fit_command(plan: StudyPlan, run_dir: Path, seed: int, conflict_map: Path | None = None,
-                skip_heads: list[list[int]] | None = None, scope: str = "all") -> list[str]:
+                skip_heads: list[list[int]] | None = None, scope: str = "all", extra: tuple[str, ...] = ()) -> list[str]:
     """The ``cast fit`` arguments of one run: the recipe, the plan's shared overrides, then this run's scope (when
     not the recipe's ``all``), map, seed and directory (with the recipe named as the plan names it)."""
     argv = ["fit", "--config", plan.fit_config, *plan.run_args()]
     if scope != "all":
         argv += [f"--model.trainable={scope}"]
+    argv += list(extra)
     if conflict_map is not None:
         argv += ["--model.conflict_map", str(conflict_map)]
     if skip_heads is not None:
@@ -298,7 +299,8 @@ def _run_study(plan: StudyPlan, wait: bool) -> dict:
     single: list[dict] = []
     with inside(out):
         cmap, diagnosis = diagnose_stage(plan, diagnose_recipe)
-        missing = sorted({VARIANTS[v].needs for v in plan.variants if VARIANTS[v].needs} - set(cmap.extra))
+        computed = set(cmap.extra) | ({"layer_gap"} if "layer_gap" in cmap.data else set())
+        missing = sorted({VARIANTS[v].needs for v in plan.variants if VARIANTS[v].needs} - computed)
         if missing:
             raise CastError(
                 f"variant(s) need the diagnosis scorer(s) {', '.join(missing)}, which {plan.diagnose_config} does not "
@@ -312,13 +314,13 @@ def _run_study(plan: StudyPlan, wait: bool) -> dict:
                          **_entry(results_path.parent, Path("base_model"), results_path, results, config=False)})
         for scope, seed in [(scope, seed) for scope in plan.scopes for seed in plan.seeds]:
             suffix = "" if scope == "all" else f"-{scope}"  # scope all keeps the plain names
-            if "full" in plan.variants:
-                run_dir = Path("runs") / f"full-s{seed}{suffix}"
-                argv = fit_command(plan, run_dir, seed, scope=scope)
+            for variant in [v for v in NO_MAP_FITS if v in plan.variants]:
+                run_dir = Path("runs") / f"{variant}-s{seed}{suffix}"
+                argv = fit_command(plan, run_dir, seed, scope=scope, extra=VARIANTS[variant].fit_args)
                 checkpoint, seconds = fit_stage(plan, fit_recipe, argv, run_dir)
                 results = eval_stage(plan, checkpoint, run_dir / "eval.json")
-                runs.append({"variant": "full", "score": None, "scope": scope, "skip_ratio": 0.0, "seed": seed, "skip_heads": [],
-                             "command": command_line(argv), "fit_seconds": seconds,
+                runs.append({"variant": variant, "score": None, "scope": scope, "skip_ratio": 0.0, "seed": seed,
+                             "skip_heads": [], "command": command_line(argv), "fit_seconds": seconds,
                              **_entry(run_dir, checkpoint, run_dir / "eval.json", results)})
             for ratio in plan.skip_ratios:
                 for variant in [v for v in plan.variants if VARIANTS[v].score is not None]:
