@@ -59,7 +59,7 @@ from cast_lightning.conflict import (
 from cast_lightning.data.formatting import IGNORE_INDEX, per_sample_loss
 from cast_lightning.errors import CastError
 from cast_lightning.heads import KV_POLICIES, HeadLayout
-from cast_lightning.io import ensure_writable
+from cast_lightning.io import ensure_writable, shown_path
 from cast_lightning.layers import LAYER_GAP_KEY, layer_gap, layer_prefix, locate_layers
 
 SAFETY, UTILITY = 0, 1  # dataloader_idx of the two diagnosis loaders
@@ -172,9 +172,9 @@ def _model_dtype(model: torch.nn.Module) -> str:
 
 
 def model_identity(model: torch.nn.Module, layout: HeadLayout, name: str | None = None) -> dict:
-    """``name`` (as given, else the config's ``_name_or_path``), absolute ``path`` when local, dtype, layout."""
+    """``name`` (as given, else the config's ``_name_or_path``), ``path`` when local (``io.shown_path``), dtype, layout."""
     name = name or getattr(model.config, "_name_or_path", None) or layout.architecture
-    path = str(Path(name).resolve()) if os.path.isdir(name) else None
+    path = shown_path(name) if os.path.isdir(name) else None
     return {"name": str(name), "path": path, **layout.shape_dict(), "hidden_size": layout.hidden_size, "dtype": _model_dtype(model)}
 
 

@@ -55,7 +55,7 @@ from cast_lightning.eval_data import (
 )
 from cast_lightning.export import MARKER as EXPORT_MARKER
 from cast_lightning.generation import generate_greedy_tokens
-from cast_lightning.io import atomic_write_json, atomic_write_text, ensure_writable
+from cast_lightning.io import atomic_write_json, atomic_write_text, ensure_writable, shown_path
 from cast_lightning.judges import Exchange, Judge, JudgeSpec, load_judge, parse_judge_specs
 from cast_lightning.judges.scoring import BENIGN, HARMFUL, agreement, judge_metrics, require_parsed, verdict_counts
 from cast_lightning.loading import load_model_and_tokenizer
@@ -111,14 +111,13 @@ def recorded_path(path: str | os.PathLike) -> str:
     """A path as results files record it: relative to the working directory when it lies inside it (a study's runs),
     ``cast_lightning.eval_tasks/...`` for the package's own prompt sets (wherever the package is installed), else
     absolute. What was read is identified by its hash beside it, not by where it was."""
-    resolved = Path(path).resolve()
-    for root, shown in ((Path.cwd().resolve(), None), (eval_package_dir().resolve(), "cast_lightning.eval_tasks")):
+    shown = shown_path(path)
+    if os.path.isabs(shown):
         try:
-            relative = resolved.relative_to(root)
+            return f"cast_lightning.eval_tasks/{Path(shown).resolve().relative_to(eval_package_dir().resolve())}"
         except ValueError:
-            continue
-        return str(relative) if shown is None else f"{shown}/{relative}"
-    return str(resolved)
+            pass
+    return shown
 
 
 def load_for_eval(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):

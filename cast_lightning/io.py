@@ -156,3 +156,14 @@ def exclusive(lock_path: str | os.PathLike, what: str, wait: bool = True, no_wai
         yield
     finally:
         lock.release()
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as output files record it: relative to the working directory when it lies inside it (a study runs in
+    its own directory, so its files name each other relatively), else absolute. Links are not followed: a study's
+    ``base_model`` link stays ``base_model``."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(os.path.abspath(os.getcwd())))
+    except ValueError:
+        return str(absolute)

@@ -379,8 +379,14 @@ class RefusalRate(Metric):
         self.detector = detector
         self.add_state("refusals", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # With indices: one (index, verdict) per response, gathered from every rank, so a prompt that a distributed
+        # sampler repeated to even out the ranks is counted once.
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+        self.add_state("verdicts", default=[], dist_reduce_fx="cat")
 
-    def update(self, responses: Sequence[str] | Sequence[bool] | torch.Tensor) -> None:
+    def update(self, responses: Sequence[str] | Sequence[bool] | torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Add responses (texts or verdicts); ``indices`` (each response's prompt number in its suite) makes every
+        prompt count exactly once, however often the sampler handed it out."""
         if isinstance(responses, torch.Tensor):
             flags = responses.detach().reshape(-1).bool()
         else:
@@ -390,10 +396,32 @@ class RefusalRate(Metric):
             elif not all(isinstance(r, bool) for r in responses):
                 raise TypeError("RefusalRate.update takes response texts or bool verdicts, not a mixture")
             flags = torch.tensor(responses, dtype=torch.bool)
+        if indices is not None:
+            indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+            if indices.numel() != flags.numel():
+                raise ValueError(f"RefusalRate.update got {flags.numel()} responses but {indices.numel()} indices")
+            self.indices.append(indices.to(self.total.device))
+            self.verdicts.append(flags.long().to(self.total.device))
+            return
         self.refusals += flags.sum().to(self.refusals.device)
         self.total += torch.tensor(flags.numel(), device=self.total.device)
 
     def compute(self) -> torch.Tensor:
-        if self.total == 0:
+        refusals, total = self.refusals.double(), self.total.double()
+        indices = self.indices if isinstance(self.indices, torch.Tensor) else (torch.cat(self.indices) if self.indices else None)
+        if indices is not None and indices.numel():
+            verdicts = self.verdicts if isinstance(self.verdicts, torch.Tensor) else torch.cat(self.verdicts)
+            unique, first = _first_occurrences(indices.cpu())
+            refusals = refusals + verdicts.cpu()[first].sum().double()
+            total = total + unique.numel()
+        if total == 0:
             return torch.tensor(float("nan"))
-        return (self.refusals.double() / self.total.double()).to(torch.get_default_dtype())
+        return (refusals / total).to(torch.get_default_dtype())
+
+
+def _first_occurrences(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``indices`` and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    positions = torch.arange(indices.numel())
+    first = torch.full((unique.numel(),), indices.numel(), dtype=torch.long).scatter_reduce(0, inverse, positions, "amin")
+    return unique, first

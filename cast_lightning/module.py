@@ -432,17 +432,19 @@ class CASTModule(L.LightningModule):
         # One metric per suite; torchmetrics sums counts across ranks at compute time.
         self.refusal_rates = torch.nn.ModuleDict({name: RefusalRate() for name in names}).to(self.device)
 
-    def test_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: dict | list[str], batch_idx: int, dataloader_idx: int = 0) -> None:
         name = list(self.refusal_rates)[dataloader_idx]
+        prompts, indices = (batch["prompt"], batch["index"]) if isinstance(batch, dict) else (batch, None)
         # Sharded weights: every rank generates until all are done (synced_gpus), else the ranks deadlock.
         with generation_setup(self.trainer.strategy, self.model, self.trainer.world_size) as generate_kwargs:
             texts = generate_greedy(
-                self.model, self.tokenizer, batch, max_new_tokens=self.hparams.max_new_tokens, batch_size=len(batch), **generate_kwargs
+                self.model, self.tokenizer, prompts, max_new_tokens=self.hparams.max_new_tokens, batch_size=len(prompts),
+                **generate_kwargs,
             )
         metric = self.refusal_rates[name]
-        metric.update(texts)
+        metric.update(texts, indices)  # with indices, a prompt repeated by the distributed sampler counts once
         key = {"harmful": "test/refusal_rate", "benign": "test/over_refusal_rate"}[name]
-        self.log(key, metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=len(batch))
+        self.log(key, metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=len(prompts))
 
     def _has_named_val(self) -> bool:
         return self.trainer is not None and hasattr(getattr(self.trainer, "datamodule", None), "val_names")

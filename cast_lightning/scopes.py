@@ -121,7 +121,9 @@ def fingerprint(model: torch.nn.Module) -> dict[str, str]:
         if p.requires_grad or is_quantized(p) or p.device.type == "meta":
             continue
         flat = p.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), FINGERPRINT_SAMPLES)).round().long().to(flat.device)
+        # Integer spacing: float32 linspace rounds past the last element of a tensor over 2^24 values (embeddings).
+        count = min(flat.numel(), FINGERPRINT_SAMPLES)
+        index = ((torch.arange(count, dtype=torch.long) * (flat.numel() - 1)) // max(count - 1, 1)).to(flat.device)
         values = flat.index_select(0, index).to(torch.float64).cpu().numpy().tobytes()
         out[name] = hashlib.sha256(str(tuple(p.shape)).encode() + values).hexdigest()[:16]
     return out

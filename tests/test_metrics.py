@@ -280,3 +280,20 @@ def test_classifier_judge_is_the_refusal_judge_behind_the_judge_interface(judge_
     identity = judge.identity()
     assert identity["refusal_label"] == "compliance" and identity["refusal_index"] == 0 and identity["reads"] == "response"
     assert len(identity["fingerprint"]["sha256"]) == 64
+
+
+def test_refusal_rate_counts_each_indexed_prompt_once():
+    """A distributed sampler repeats prompts to even out the ranks; with their indices each counts once."""
+    import torch
+
+    from cast_lightning.metrics import RefusalRate
+
+    metric = RefusalRate()
+    metric.update([True, False, True], torch.tensor([0, 1, 2]))
+    metric.update([True, False], torch.tensor([3, 0]))  # prompt 0 again (a padding repeat): ignored
+    assert float(metric.compute()) == 3 / 4
+    with pytest.raises(ValueError, match="indices"):
+        metric.update([True], torch.tensor([0, 1]))
+    plain = RefusalRate()
+    plain.update([True, False, True, True])
+    assert float(plain.compute()) == 3 / 4

@@ -332,3 +332,18 @@ def test_resume_refuses_another_scope_and_a_changed_base(pretrained, tiny_data, 
     torch.save(saved, tmp_path / "moved.ckpt")
     with pytest.raises(CastError, match="pair it with the base model it was trained from"):
         load_checkpoint_model(str(tmp_path / "moved.ckpt"))
+
+
+def test_fingerprint_of_a_tensor_larger_than_float32_can_index():
+    """A 32000 x 1024 embedding (over 2^24 values): evenly spaced samples must stay inside the tensor, and the digest
+    must see its last element."""
+    import torch
+
+    from cast_lightning.scopes import fingerprint
+
+    embedding = torch.nn.Embedding(32000, 1024)
+    embedding.weight.requires_grad_(False)
+    before = fingerprint(embedding)["weight"]
+    with torch.no_grad():
+        embedding.weight.view(-1)[-1] += 1.0
+    assert fingerprint(embedding)["weight"] != before

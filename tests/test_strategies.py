@@ -738,3 +738,22 @@ if __name__ == "__main__" and sys.argv[1:2] == ["deepspeed-worker"]:
     _deepspeed_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
 if __name__ == "__main__" and sys.argv[1:2] == ["fsdp1-generate-worker"]:
     _fsdp1_generate_worker(sys.argv[2], sys.argv[3])
+
+
+@pytest.mark.multiprocess
+def test_cast_test_odd_prompt_counts_on_two_processes_equal_one(models, tmp_path):
+    """7 harmful and 3 benign prompts over 2 ranks: Lightning's DistributedSampler repeats one prompt of each suite
+    to even out the ranks, and every prompt is still counted exactly once (RefusalRate dedupes by prompt index), so
+    both rates equal the single-process ones exactly."""
+    harmful = [_benign(70), _harmful(70), _harmful(71), _benign(71), _harmful(72), _harmful(73), _benign(72)]
+    benign = [_benign(73), _harmful(74), _benign(74)]
+    for name, prompts in (("harmful", harmful), ("benign", benign)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    suites = {"harmful": tmp_path / "harmful.jsonl", "benign": tmp_path / "benign.jsonl"}
+    (one,) = cast_test(models["aligned"], suites, tmp_path / "one", "--trainer.accelerator=cpu", "--trainer.devices=1")
+    assert_rates_mixed(one["metrics"])
+    two = cast_test(models["aligned"], suites, tmp_path / "two", "--trainer.accelerator=cpu", "--trainer.devices=2",
+                    "--trainer.strategy=ddp")
+    assert len(two) == 2
+    for report in two:
+        assert report["metrics"] == one["metrics"]

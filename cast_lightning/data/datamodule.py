@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from cast_lightning.data.formatting import IGNORE_INDEX, collate, tokenize_example
@@ -522,9 +523,12 @@ class SafetyUtilityDataModule(L.LightningDataModule):
         return [self._loader(examples, shuffle=False) for examples in self.val_sets]
 
     def test_dataloader(self) -> list[DataLoader]:
-        """Batches of raw prompt strings per refusal suite (generation tokenizes them with left padding)."""
+        """Batches per refusal suite: ``{"prompt": [raw strings], "index": tensor}``, each prompt's number in its suite
+        (generation tokenizes the strings with left padding; the index lets ``RefusalRate`` count a prompt once when
+        Lightning's distributed sampler repeats some to even out the ranks)."""
         return [
-            DataLoader(prompts, batch_size=self.hparams.eval_batch_size, shuffle=False, collate_fn=list)
+            DataLoader(list(enumerate(prompts)), batch_size=self.hparams.eval_batch_size, shuffle=False,
+                       collate_fn=_collate_prompts)
             for prompts in self.test_suites.values()
         ]
 
@@ -558,3 +562,7 @@ class SafetyUtilityDataModule(L.LightningDataModule):
         if not suites:
             raise CastError("cast test needs --data.harmful_eval_files and/or --data.benign_eval_files")
         return suites
+
+
+def _collate_prompts(items: list[tuple[int, str]]) -> dict:
+    return {"prompt": [prompt for _, prompt in items], "index": torch.tensor([index for index, _ in items], dtype=torch.long)}
