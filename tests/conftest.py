@@ -82,6 +82,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """architecture -> a saved tiny random-init model with its tokenizer (each made once per session)."""
+    made = {}
+
+    def get(architecture: str):
+        if architecture not in made:
+            made[architecture] = make_pretrained(tmp_path_factory.mktemp(architecture), architecture)
+        return made[architecture]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_pretrained(tmp_path_factory.mktemp("tiny_llama"), "llama")
 

@@ -16,7 +16,7 @@ import torch
 
 from cast_lightning.errors import CastError
 from cast_lightning.module import CASTModule
-from tests.conftest import make_pretrained, state_copy
+from tests.conftest import state_copy
 from tests.test_cli import fit_args, run_cast
 from tests.test_mask_contract import SKIP, frozen_mask, geometry
 from tests.test_scopes import (
@@ -33,16 +33,6 @@ from tests.tiny_models import ARCHITECTURES
 LORA = {"r": 4, "alpha": 8.0}
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    made = {}
-
-    def get(architecture: str):
-        if architecture not in made:
-            made[architecture] = make_pretrained(tmp_path_factory.mktemp(architecture), architecture)
-        return made[architecture]
-
-    return get
 
 
 # -- the mask on the factors, before any training -----------------------------------------------------------------

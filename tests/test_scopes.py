@@ -28,17 +28,6 @@ POLICIES = ("all", "any", "never")
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """architecture -> a saved tiny random-init model with its tokenizer (made once per module)."""
-    made = {}
-
-    def get(architecture: str):
-        if architecture not in made:
-            made[architecture] = make_pretrained(tmp_path_factory.mktemp(architecture), architecture)
-        return made[architecture]
-
-    return get
 
 
 # -- oracles ----------------------------------------------------------------------------------------------------------

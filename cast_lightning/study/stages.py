@@ -27,7 +27,6 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
