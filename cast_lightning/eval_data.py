@@ -20,26 +20,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from cast_lightning.errors import CastError
+from cast_lightning.shipped import shipped_folder
 
 DATA_DIR_ENV = "CAST_EVAL_DATA_DIR"
 
 
 def eval_package_dir() -> Path:
     """The evaluation package: ``cast_lightning.eval_tasks`` when installed, else the checkout's ``eval/``."""
-    try:
-        root = Path(str(resources.files("cast_lightning.eval_tasks")))
-        if (root / "tasks").is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    root = Path(__file__).resolve().parents[1] / "eval"
-    if not (root / "tasks").is_dir():
-        raise CastError("cannot find the evaluation task suites (eval/tasks): reinstall cast-lightning")
-    return root
+    return shipped_folder("cast_lightning.eval_tasks", "eval", "tasks")
 
 
 def tasks_dir() -> Path:

@@ -72,18 +72,9 @@ def variant_label(variant: str, skip_ratio: float | None = None) -> str:
 
 def shipped_configs_dir() -> Path:
     """The shipped ``configs/`` folder: ``cast_lightning.configs`` when installed, else the checkout's ``configs/``."""
-    from importlib import resources
+    from cast_lightning.shipped import shipped_folder
 
-    try:
-        root = Path(str(resources.files("cast_lightning.configs")))
-        if (root / "world").is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    root = Path(__file__).resolve().parents[2] / "configs"
-    if not (root / "world").is_dir():
-        raise CastError("cannot find the shipped configs (configs/world): reinstall cast-lightning")
-    return root
+    return shipped_folder("cast_lightning.configs", "configs", "world")
 
 
 def resolve_recipe(path: str, option: str) -> Path:
